@@ -1,0 +1,221 @@
+"""Kernel and architecture values, written once (STYLE §2.1).
+
+KVM ABI numbers (VM types, exit reasons, capabilities, memory flags and attributes), TDVMCALL
+statuses, S-EPT entry bit positions, PAMT page types and the model's own bounds. Stdlib-only:
+``setup.py`` runs this file standalone to generate ``_defs.h`` for the Cython cores.
+
+Sources: ``include/uapi/linux/kvm.h`` and ``arch/x86/kvm/vmx/tdx.c`` (Linux 6.18), the GHCI spec,
+the TDX module 1.5 ABI (tdx-facts §1–§10, anchors §2.3).
+"""
+
+from __future__ import annotations
+
+import enum
+
+# --------------------------------------------------------------------------------------------
+# Geometry
+# --------------------------------------------------------------------------------------------
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+SEPT_ENTRIES_PER_TABLE = 512
+SEPT_LEVEL_BITS = 9
+#: Largest module level number (256T); ``TdxLevel`` values are 0..SEPT_MAX_LEVEL.
+SEPT_MAX_LEVEL = 4
+#: GPA width per S-EPT depth: 4-level ↔ GPAW 48 (shared bit 47), 5-level ↔ GPAW 52 (bit 51).
+GPAW_BY_LEVELS = {4: 48, 5: 52}
+#: Model-wide bound on guest frame numbers (SPEC §7: a gfn ≥ 2^52 is out of range).
+MAX_GFN = 1 << 52
+#: Model-wide bound on host frame numbers (40-bit PFN, as the PAMT owner field).
+MAX_PFN = 1 << 40
+U64_MAX = (1 << 64) - 1
+
+# --------------------------------------------------------------------------------------------
+# S-EPT entry bits (module encoding: bit0=D(9) bit1=TDEX(53) bit2=TDBW(54) bit3=TDB(55)
+# bit4=TDP(56) bit5=IPAT(6) bit6=PS(7); reference/README.md)
+# --------------------------------------------------------------------------------------------
+SEPT_BIT_D = 9
+SEPT_BIT_TDEX = 53
+SEPT_BIT_TDBW = 54
+SEPT_BIT_TDB = 55
+SEPT_BIT_TDP = 56
+SEPT_BIT_IPAT = 6
+SEPT_BIT_PS = 7
+#: Suppress-#VE: the module fills new S-EPT pages with FREE bits plus this bit.
+SEPT_BIT_SVE = 63
+#: Encoding bit i comes from entry bit SEPT_STATE_BITS[i].
+SEPT_STATE_BITS = (SEPT_BIT_D, SEPT_BIT_TDEX, SEPT_BIT_TDBW, SEPT_BIT_TDB, SEPT_BIT_TDP,
+                   SEPT_BIT_IPAT, SEPT_BIT_PS)
+#: Bits 51:12 of an entry hold the frame (mapped page or child S-EPT page).
+SEPT_PFN_MASK = ((1 << 52) - 1) & ~((1 << 12) - 1)
+
+# level_state (RDX on S-EPT errors): bits 2:0 level, bits 15:8 public state.
+LEVEL_STATE_STATE_SHIFT = 8
+
+#: VMX exit reason of an EPT violation. ``SeptTree.page_accept`` returns
+#: ``TDX_SUCCESS | EXIT_REASON_EPT_VIOLATION`` (what TDH.VP.ENTER reports for that TD exit)
+#: when the guest's ACCEPT must exit to the host instead (SPEC §4.2).
+EXIT_REASON_EPT_VIOLATION = 48
+ACCEPT_EPT_VIOLATION = EXIT_REASON_EPT_VIOLATION
+
+# --------------------------------------------------------------------------------------------
+# PAMT (tdx-facts §5.9)
+# --------------------------------------------------------------------------------------------
+
+
+class PageType(enum.IntEnum):
+    """PAMT page types."""
+
+    PT_NDA = 0
+    PT_RSVD = 1
+    PT_REG = 3
+    PT_TDR = 4
+    PT_TDCX = 5
+    PT_TDVPR = 6
+    PT_EPT = 8
+
+
+#: Owner field of a frame that has no owning TDR (NDA, RSVD, and TDR pages themselves).
+PAMT_NO_OWNER = U64_MAX
+
+# --------------------------------------------------------------------------------------------
+# Busy try-lock word (STYLE §2.6; anchors §2.3 lock table)
+# --------------------------------------------------------------------------------------------
+#: Bit 63: held exclusively.
+BUSYLOCK_EXCL_BIT = 1 << 63
+#: Bit 52: the host lost a try and asked for priority; a guest try then gets
+#: ``TDX_OPERAND_BUSY_HOST_PRIORITY`` until the host acquires the lock.
+BUSYLOCK_HOST_PRIORITY_BIT = 1 << 52
+#: Low bits: number of shared holders.
+BUSYLOCK_SHARED_MASK = (1 << 52) - 1
+
+# --------------------------------------------------------------------------------------------
+# KVM ABI (include/uapi/linux/kvm.h, 6.18)
+# --------------------------------------------------------------------------------------------
+
+
+class VmType(enum.IntEnum):
+    """``KVM_CREATE_VM`` machine types on x86."""
+
+    DEFAULT = 0
+    SW_PROTECTED = 1
+    SEV = 2
+    SEV_ES = 3
+    SNP = 4
+    TDX = 5
+
+
+class ExitReason(enum.IntEnum):
+    """``kvm_run.exit_reason`` values."""
+
+    UNKNOWN = 0
+    EXCEPTION = 1
+    IO = 2
+    HYPERCALL = 3
+    DEBUG = 4
+    HLT = 5
+    MMIO = 6
+    IRQ_WINDOW_OPEN = 7
+    SHUTDOWN = 8
+    FAIL_ENTRY = 9
+    INTR = 10
+    INTERNAL_ERROR = 17
+    SYSTEM_EVENT = 24
+    MEMORY_FAULT = 39
+    TDX = 40
+
+
+class Cap(enum.IntEnum):
+    """``KVM_CAP_*`` numbers used by the model."""
+
+    IRQCHIP = 0
+    HLT = 1
+    USER_MEMORY = 3
+    NR_VCPUS = 9
+    NR_MEMSLOTS = 10
+    MAX_VCPUS = 66
+    SPLIT_IRQCHIP = 121
+    VM_TYPES = 235
+    EXIT_HYPERCALL = 201
+    USER_MEMORY2 = 231
+    MEMORY_ATTRIBUTES = 233
+    GUEST_MEMFD = 234
+    PRE_FAULT_MEMORY = 236
+
+
+class HC(enum.IntEnum):
+    """KVM hypercall numbers."""
+
+    MAP_GPA_RANGE = 12
+
+
+class MemFlag(enum.IntFlag):
+    """``kvm_userspace_memory_region2.flags``."""
+
+    LOG_DIRTY_PAGES = 1 << 0
+    READONLY = 1 << 1
+    GUEST_MEMFD = 1 << 2
+
+
+class MemAttr(enum.IntFlag):
+    """``KVM_MEMORY_ATTRIBUTE_*`` (bits 0–2 reserved for R/W/X)."""
+
+    PRIVATE = 1 << 3
+
+
+#: ``KVM_MEMORY_EXIT_FLAG_PRIVATE``
+MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
+#: ``KVM_SYSTEM_EVENT_TDX_FATAL``
+SYSTEM_EVENT_TDX_FATAL = 7
+#: ``KVM_MAP_GPA_RANGE_ENCRYPTED``
+MAP_GPA_RANGE_ENCRYPTED = 1 << 4
+
+
+class TdAttr(enum.IntFlag):
+    """TD attributes (TD_PARAMS.ATTRIBUTES); KVM 6.18 supports only SEPT_VE_DISABLE."""
+
+    DEBUG = 1 << 0
+    SEPT_VE_DISABLE = 1 << 28
+    PKS = 1 << 30
+    KL = 1 << 31
+    PERFMON = 1 << 63
+
+
+class TdvmcallStatus(enum.IntEnum):
+    """TDVMCALL completion statuses written to the guest's R10 (GHCI)."""
+
+    SUCCESS = 0
+    RETRY = 1
+    INVALID_OPERAND = 0x8000000000000000
+    GPA_INUSE = 0x8000000000000001
+    ALIGN_ERROR = 0x8000000000000002
+    SUBFUNC_UNSUPPORTED = 0x8000000000000003
+
+
+class TdvmcallLeaf(enum.IntEnum):
+    """GHCI TDVMCALL sub-functions (R11 with R10 = 0)."""
+
+    CPUID = 10
+    HLT = 12
+    IO = 30
+    MSR_READ = 31
+    MSR_WRITE = 32
+    MMIO = 48
+    GET_TD_VM_CALL_INFO = 0x10000
+    MAP_GPA = 0x10001
+    GET_QUOTE = 0x10002
+    REPORT_FATAL_ERROR = 0x10003
+    SETUP_EVENT_NOTIFY_INTERRUPT = 0x10004
+
+
+# --------------------------------------------------------------------------------------------
+# Retry bounds (tdx-facts §10; SPEC §4.1)
+# --------------------------------------------------------------------------------------------
+SEAMCALL_RETRY_MAX = 16
+TRACK_RETRY_MAX = 10_000
+TDX_SEAMCALL_RETRIES = 10_000
+RDRAND_RETRY_LOOPS = 10
+MAX_LOCAL_RETRIES = 1_000_000
+ZERO_STEP_THRESHOLD = 6
+MAP_GPA_MAX_LEN = 2 << 20
+KVM_MAX_CPUID_ENTRIES = 256
+MR_EXTEND_CHUNK = 256
