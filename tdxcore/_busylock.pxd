@@ -57,3 +57,21 @@ cdef inline void busylock_unlock_excl(uint64_t* word) noexcept nogil:
 cdef inline void busylock_unlock_shared(uint64_t* word) noexcept nogil:
     """Release one shared hold."""
     tdx_atomic_fetch_sub_release(word, 1)
+
+# ---------------------------------------------------------------------------------------------
+# BusyLock: one lock word as a Python-visible object (SPEC §3.4). Other cores may hold a typed
+# reference and call the cdef methods below without Python overhead.
+# ---------------------------------------------------------------------------------------------
+cdef class BusyLock:
+    cdef uint64_t _word             # the lock word; touched only through atomics (busylock_* above)
+    cdef readonly uint64_t operand  # operand id ORed into BUSY statuses; immutable after __cinit__
+    cdef int _mutation              # test hook (_testing_mutate); set before use, immutable after
+    cdef uint64_t _test_owner       # _testing_hammer only: current holder id (relaxed atomics)
+    cdef uint64_t _test_counter     # _testing_hammer only: plain RMW, guarded by this lock (exclusive)
+
+    # Never wait; TDX_SUCCESS or TDX_OPERAND_BUSY[_HOST_PRIORITY]|operand. Callable from any thread.
+    cdef uint64_t try_excl_c(self, bint host) noexcept nogil
+    cdef uint64_t try_shared_c(self, bint host) noexcept nogil
+    # 0 released; -1 nothing of that kind was held (no change).
+    cdef int unlock_excl_c(self) noexcept nogil
+    cdef int unlock_shared_c(self) noexcept nogil

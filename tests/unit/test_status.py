@@ -101,7 +101,7 @@ def test_sept_states_and_tables():
     assert SeptState.FREE == 0x0E and SeptState.NL_MAPPED == 0x00 and SeptState.PENDING == 0x70
     assert len(SeptState) == 16
     assert sorted(status.SEPT_STATE_INDEX.values()) == list(range(16))
-    assert len(status.SEPT_LEGALITY_SEAMCALL) == 21 and len(status.SEPT_LEGALITY_TDCALL) == 3
+    assert len(status.SEPT_LEGALITY_SEAMCALL) == 19 and len(status.SEPT_LEGALITY_TDCALL) == 3  # 22 leaves
     aug = status.SEPT_LEGALITY_SEAMCALL[Leaf.TDH_MEM_PAGE_AUG]
     assert [s.name for s in SeptState if aug[status.SEPT_STATE_INDEX[s]]] == ["FREE", "REMOVED"]
     assert status.OP_STATE_TLB_TRACKING_REQUIRED[status.OpState.RUNNABLE]
