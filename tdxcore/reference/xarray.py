@@ -51,7 +51,8 @@ class AttributeStore:
         self._attrs: Dict[int, int] = {}
 
     def __reduce__(self) -> Any:
-        raise TypeError("AttributeStore holds C memory and cannot be pickled")
+        msg = "AttributeStore holds C memory and cannot be pickled"
+        raise TypeError(msg)
 
     def __repr__(self) -> str:
         return f"AttributeStore(backend={self.backend!r}, nbytes={self.nbytes})"
