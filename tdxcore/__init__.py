@@ -34,7 +34,9 @@ from tdxcore.constants import (
     TdvmcallStatus,
     VmType,
 )
-from tdxcore.errors import InvariantViolation, KvmError, TdxError, TdxTypeError, TdxValueError
+from tdxcore.errors import HostError, InvariantViolation, KvmError, TdxError, TdxTypeError, TdxValueError
+from tdxcore.module.host import Host
+from tdxcore.module.tdx_module import SeamcallResult
 from tdxcore.sched import PREEMPT, Wait, WaitOutOfGuest
 from tdxcore.status import Leaf, OpState, SeptState, TdcallLeaf, TdxLevel, TdxStatus
 
@@ -60,6 +62,9 @@ __all__ = [
     "TdvmcallLeaf",
     "TdvmcallStatus",
     "VmType",
+    "Host",
+    "HostError",
+    "SeamcallResult",
     "InvariantViolation",
     "KvmError",
     "TdxError",

@@ -78,6 +78,28 @@ class PageType(enum.IntEnum):
 PAMT_NO_OWNER = U64_MAX
 
 # --------------------------------------------------------------------------------------------
+# Module bring-up: TDMRs and PAMTs (module 1.5 sysinfo; tdx-facts §5.9, §6)
+# --------------------------------------------------------------------------------------------
+#: ``MAX_TDMRS``: TDMRs TDH.SYS.CONFIG accepts.
+MAX_TDMRS = 64
+#: ``MAX_RESERVED_AREAS`` per TDMR.
+MAX_RESERVED_AREAS = 16
+#: Bytes per PAMT entry at every level (``PAMT_{4K,2M,1G}_ENTRY_SIZE``; tdx-facts §5.9).
+PAMT_ENTRY_SIZE = 16
+#: TDMR base/size granularity (1 GiB).
+TDMR_ALIGN = 1 << 30
+#: Bytes of one TDMR_INFO slot (header 8 x u64 + 16 reserved areas, rounded to the alignment).
+TDMR_INFO_SIZE = 512
+#: Alignment of the TDMR_INFO PA array and of each TDMR_INFO.
+TDMR_INFO_ALIGN = 512
+#: 4K PAMT entries one TDH.SYS.TDMR.INIT initializes (module ``TDMR_4K_PAMT_INIT_COUNT``).
+TDMR_INIT_PAMT_ENTRIES = 1024
+#: Page-size shifts of the three PAMT levels, in TDMR_INFO order of allocation (4K, 2M, 1G).
+PAMT_LEVEL_SHIFTS = (12, 21, 30)
+#: Frames below 1 MiB are never TDX memory (tdx-facts §6.2: each memblock minus the first 1 MiB).
+LOW_RESERVED_FRAMES = (1 << 20) >> PAGE_SHIFT
+
+# --------------------------------------------------------------------------------------------
 # Busy try-lock word (STYLE §2.6; anchors §2.3 lock table)
 # --------------------------------------------------------------------------------------------
 #: Bit 63: held exclusively.

@@ -16,6 +16,7 @@ __all__ = [
     "TdxTypeError",
     "TdxValueError",
     "KvmError",
+    "HostError",
     "InvariantViolation",
     "check_int",
 ]
@@ -112,3 +113,15 @@ def check_int(name: str, value: Any, lo: int, hi: int) -> int:
         msg = f"{name}={v:#x} is out of range [{lo:#x}, {hi:#x})"
         raise TdxValueError(msg, name=name, value=v)
     return v
+
+
+class HostError(TdxError, OSError):
+    """A host-level (kernel) operation of the model failed: ``.errno`` is the kernel's errno.
+
+    Raised by ``tdx.Host`` (out of memory → ``ENOMEM``, a bad user address → ``EFAULT``, refusing
+    to offline a CPU → ``EBUSY``, no KeyID left → ``ENOSPC``) and by ``host.tdx.enable()``
+    (``ENODEV``, ``EINVAL``, ``EIO`` ... as ``tdx_enable()`` returns them).
+    """
+
+    def __init__(self, errno: int, msg: str) -> None:
+        OSError.__init__(self, errno, msg)

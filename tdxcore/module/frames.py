@@ -1,0 +1,382 @@
+"""Host physical memory: the 4K frame allocator, frame contents tagged by KeyID, user memory.
+
+Three small objects the :class:`~tdxcore.module.host.Host` puts together (STYLE §2.11):
+
+* :class:`FrameAllocator` — deterministic: the lowest free frame first. Frames below 1 MiB are
+  never handed out (firmware/BIOS memory the kernel keeps; the TDX memory list also starts at
+  1 MiB, tdx-facts §6.2), so every allocated frame is TDX-convertible.
+* :class:`FrameContents` — sparse per-frame bytes, each frame tagged with the KeyID that wrote
+  it. A read under another KeyID returns a deterministic keyed scramble, never the plaintext
+  (SPEC §6 S6a); a frame never written reads as zeros under any KeyID.
+* :class:`UserMemory` — host userspace: ``mmap`` hands out page-aligned addresses, pages are
+  backed by frames on first write (reads of unbacked pages see zeros, as the zero page), and
+  ``madvise_dontneed`` drops the backing after telling the MMU notifiers.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import hashlib
+import heapq
+import struct
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from tdxcore.constants import LOW_RESERVED_FRAMES, PAGE_SIZE
+from tdxcore.errors import HostError, TdxTypeError, TdxValueError, check_int
+
+__all__ = ["FrameAllocator", "FrameContents", "UserMemory", "LOW_RESERVED_FRAMES", "HVA_BASE"]
+
+#: First user address handed out by :meth:`UserMemory.mmap` (model choice, page aligned).
+HVA_BASE = 0x7F00_0000_0000
+#: Bytes per scramble block: one cache line, the granularity of memory encryption.
+_LINE = 64
+
+
+class FrameAllocator:
+    """Lowest-first allocator over frames ``[LOW_RESERVED_FRAMES, nr_frames)``.
+
+    Notes
+    -----
+    A bump pointer over never-used frames plus a min-heap of freed frames, so allocation is
+    O(log n) and deterministic (no set order). Not thread-safe: the host's callers serialize.
+    """
+
+    def __init__(self, nr_frames: int) -> None:
+        self.nr_frames = nr_frames
+        self._next = min(LOW_RESERVED_FRAMES, nr_frames)  # first never-allocated frame
+        self._freed: List[int] = []                       # heap of freed frames, all < _next
+        self._freed_set: Dict[int, None] = {}
+
+    @property
+    def nr_free(self) -> int:
+        """Frames that :meth:`alloc` can still hand out."""
+        return (self.nr_frames - self._next) + len(self._freed)
+
+    def is_allocated(self, pfn: int) -> bool:
+        """Return whether ``pfn`` is currently allocated."""
+        return LOW_RESERVED_FRAMES <= pfn < self._next and pfn not in self._freed_set
+
+    def alloc(self) -> int:
+        """Return the lowest free frame; ``HostError(ENOMEM)`` when none is left."""
+        if self._freed:
+            pfn = heapq.heappop(self._freed)
+            del self._freed_set[pfn]
+            return pfn
+        if self._next >= self.nr_frames:
+            msg = f"out of memory: all {self.nr_frames - LOW_RESERVED_FRAMES} allocatable frames are in use"
+            raise HostError(_errno.ENOMEM, msg)
+        pfn = self._next
+        self._next += 1
+        return pfn
+
+    def alloc_contig(self, nr: int) -> int:
+        """Return the first pfn of ``nr`` physically contiguous never-used frames (``ENOMEM``)."""
+        if nr <= 0 or self._next + nr > self.nr_frames:
+            left = self.nr_frames - self._next
+            msg = f"out of memory: cannot allocate {nr} contiguous frames ({left} left)"
+            raise HostError(_errno.ENOMEM, msg)
+        pfn = self._next
+        self._next += nr
+        return pfn
+
+    def free(self, pfn: int) -> None:
+        """Return ``pfn``; ``TdxValueError`` if it is not allocated (double free)."""
+        if not self.is_allocated(pfn):
+            msg = f"pfn={pfn:#x} is not an allocated frame (double free or never allocated)"
+            raise TdxValueError(msg, name="pfn", value=pfn)
+        heapq.heappush(self._freed, pfn)
+        self._freed_set[pfn] = None
+
+    def state_bytes(self) -> bytes:
+        """``<QQ nr_frames, next`` then the freed frames ascending (``<Q`` each)."""
+        freed = sorted(self._freed)
+        return struct.pack(f"<QQQ{len(freed)}Q", self.nr_frames, self._next, len(freed), *freed)
+
+
+class FrameContents:
+    """Sparse contents of host frames, each tagged with the KeyID that last wrote it.
+
+    Parameters
+    ----------
+    nr_frames : int
+        Frames of the host.
+    scramble_key : bytes
+        Key of the scramble (derived from the host seed), so reads under a wrong KeyID are
+        deterministic for a seed and reveal nothing of the plaintext.
+
+    Notes
+    -----
+    Model of memory encryption with integrity off: each frame holds plaintext as seen under its
+    tag KeyID. Reading under another KeyID yields, per 64-byte line, blake2b(key, pfn, line,
+    tag, reader, plaintext line) — data dependent like real ciphertext, and forced to differ
+    from the plaintext. A write under a new KeyID first turns the whole frame into what that
+    KeyID would have read, then writes, then re-tags (partial writes keep the rest scrambled).
+    """
+
+    def __init__(self, nr_frames: int, scramble_key: bytes) -> None:
+        self.nr_frames = nr_frames
+        self._key = scramble_key
+        self._frames: Dict[int, Tuple[int, bytearray]] = {}
+        self._digests: Dict[int, bytes] = {}
+
+    def _check(self, pfn: Any, offset: Any, size: int) -> Tuple[int, int]:
+        p = check_int("pfn", pfn, 0, self.nr_frames)
+        o = check_int("offset", offset, 0, PAGE_SIZE + 1)
+        if o + size > PAGE_SIZE:
+            msg = f"offset={o:#x} + size={size:#x} crosses the end of the 4 KiB frame"
+            raise TdxValueError(msg, name="offset", value=o)
+        return p, o
+
+    def _scrambled(self, pfn: int, tag: int, reader: int, data: bytes) -> bytearray:
+        out = bytearray(len(data))
+        for line in range(0, len(data), _LINE):
+            plain = data[line:line + _LINE]
+            h = hashlib.blake2b(plain, digest_size=_LINE, key=self._key,
+                                salt=struct.pack("<QQ", pfn, line), person=struct.pack("<QQ", tag, reader))
+            s = h.digest()
+            if s == plain:  # astronomically unlikely; "never the plaintext" must hold regardless
+                s = bytes(b ^ 0xFF for b in s)
+            out[line:line + _LINE] = s
+        return out
+
+    def read(self, pfn: Any, offset: Any, size: Any, keyid: int) -> bytes:
+        """Return ``size`` bytes at ``offset`` of frame ``pfn`` as KeyID ``keyid`` sees them."""
+        n = check_int("size", size, 0, PAGE_SIZE + 1)
+        p, o = self._check(pfn, offset, n)
+        ent = self._frames.get(p)
+        if ent is None:
+            return bytes(n)
+        tag, data = ent
+        if tag == keyid:
+            return bytes(data[o:o + n])
+        lo, hi = (o // _LINE) * _LINE, -(-(o + n) // _LINE) * _LINE
+        view = self._scrambled(p, tag, keyid, bytes(data[lo:hi]))
+        return bytes(view[o - lo:o - lo + n])
+
+    def write(self, pfn: Any, offset: Any, data: Any, keyid: int) -> None:
+        """Write ``data`` at ``offset`` of frame ``pfn`` under KeyID ``keyid``."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            msg = f"data must be bytes-like, not {type(data).__name__}"
+            raise TdxTypeError(msg, name="data", value=type(data).__name__)
+        b = bytes(data)
+        p, o = self._check(pfn, offset, len(b))
+        ent = self._frames.get(p)
+        if ent is None:
+            buf = bytearray(PAGE_SIZE)
+        elif ent[0] == keyid:
+            buf = ent[1]
+        else:
+            buf = self._scrambled(p, ent[0], keyid, bytes(ent[1]))
+        buf[o:o + len(b)] = b
+        self._frames[p] = (keyid, buf)
+        self._digests.pop(p, None)
+
+    def clear(self, pfn: Any) -> None:
+        """Return frame ``pfn`` to the never-written state (reads zero under every KeyID)."""
+        p = check_int("pfn", pfn, 0, self.nr_frames)
+        self._frames.pop(p, None)
+        self._digests.pop(p, None)
+
+    def keyid_of(self, pfn: Any) -> Optional[int]:
+        """Return the KeyID that last wrote ``pfn``, or None if never written (or cleared)."""
+        ent = self._frames.get(check_int("pfn", pfn, 0, self.nr_frames))
+        return None if ent is None else ent[0]
+
+    @property
+    def nr_written(self) -> int:
+        """Frames holding contents."""
+        return len(self._frames)
+
+    def digest(self) -> bytes:
+        """blake2b over ``<QQ pfn, tag`` + 4096 bytes for every written frame, ascending pfn."""
+        h = hashlib.blake2b(digest_size=8)
+        for p in sorted(self._frames):
+            d = self._digests.get(p)
+            if d is None:
+                tag, data = self._frames[p]
+                d = hashlib.blake2b(struct.pack("<QQ", p, tag) + bytes(data), digest_size=16).digest()
+                self._digests[p] = d
+            h.update(d)
+        return h.digest()
+
+
+Notifier = Any  # a callable(start, end) or an object with invalidate_range_start/_end(start, end)
+
+
+class UserMemory:
+    """Host userspace address space: ``mmap`` regions lazily backed by frames.
+
+    Parameters
+    ----------
+    alloc, free : callables
+        The host's frame allocator entry points (``alloc() -> pfn``, ``free(pfn)``).
+    contents : FrameContents
+        Where the bytes live; userspace reads and writes under KeyID 0.
+
+    Notes
+    -----
+    Errors follow the kernel: a user address outside every mapping → ``EFAULT`` (as
+    ``copy_{to,from}_user``); ``mmap`` of 0 bytes → ``EINVAL``; ``madvise`` with an unaligned
+    start → ``EINVAL`` and over an unmapped range → ``ENOMEM`` (``madvise(2)``). Notifiers are
+    called before the frames are freed (``invalidate_range_start``) and, for objects that have
+    it, ``invalidate_range_end`` after, once per mapping the range touches.
+    """
+
+    def __init__(self, alloc: Callable[[], int], free: Callable[[int], None],
+                 contents: FrameContents) -> None:
+        self._alloc, self._free, self._contents = alloc, free, contents
+        self._next_hva = HVA_BASE
+        self._maps: Dict[int, int] = {}   # start hva -> size (page multiple)
+        self._pages: Dict[int, int] = {}  # page-aligned hva -> backing pfn
+        self._notifiers: List[Notifier] = []
+
+    # mappings ------------------------------------------------------------------------
+    def mmap(self, size: Any) -> int:
+        """Map ``size`` bytes (rounded up to pages) and return the page-aligned start address."""
+        n = check_int("size", size, 0, 1 << 47)
+        if n == 0:
+            msg = "mmap: size 0 is not allowed"
+            raise HostError(_errno.EINVAL, msg)
+        n = -(-n // PAGE_SIZE) * PAGE_SIZE
+        hva = self._next_hva
+        self._maps[hva] = n
+        self._next_hva = hva + n + PAGE_SIZE  # a guard page keeps mappings apart
+        return hva
+
+    def _mapping(self, hva: int) -> Optional[Tuple[int, int]]:
+        for start, size in self._maps.items():
+            if start <= hva < start + size:
+                return start, size
+        return None
+
+    def _check_range(self, hva: Any, size: int, what: str) -> int:
+        h = check_int("hva", hva, 0, 1 << 64)
+        end = h + size
+        pos = h
+        while pos < end:
+            m = self._mapping(pos)
+            if m is None:
+                msg = f"{what}: hva={pos:#x} is not mapped"
+                raise HostError(_errno.EFAULT, msg)
+            pos = m[0] + m[1]
+        return h
+
+    def read(self, hva: Any, size: Any) -> bytes:
+        """Return ``size`` bytes at ``hva`` (unbacked pages read as zeros)."""
+        n = check_int("size", size, 0, 1 << 47)
+        h = self._check_range(hva, n, "read")
+        out = bytearray()
+        pos, end = h, h + n
+        while pos < end:
+            page = pos & ~(PAGE_SIZE - 1)
+            chunk = min(end, page + PAGE_SIZE) - pos
+            pfn = self._pages.get(page)
+            out += bytes(chunk) if pfn is None else self._contents.read(pfn, pos - page, chunk, 0)
+            pos += chunk
+        return bytes(out)
+
+    def write(self, hva: Any, data: Any) -> None:
+        """Write ``data`` at ``hva``, backing untouched pages with fresh zeroed frames.
+
+        All pages are backed before any byte is written, so ``ENOMEM`` leaves no partial write.
+        """
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            msg = f"data must be bytes-like, not {type(data).__name__}"
+            raise TdxTypeError(msg, name="data", value=type(data).__name__)
+        b = bytes(data)
+        h = self._check_range(hva, len(b), "write")
+        pages = range(h & ~(PAGE_SIZE - 1), h + len(b), PAGE_SIZE)
+        new: List[Tuple[int, int]] = []
+        try:
+            for page in pages:
+                if page not in self._pages:
+                    new.append((page, self._alloc()))
+        except HostError:
+            for _, pfn in new:
+                self._free(pfn)
+            raise
+        for page, pfn in new:
+            self._contents.clear(pfn)  # the kernel hands out zeroed pages
+            self._pages[page] = pfn
+        pos, end = h, h + len(b)
+        while pos < end:
+            page = pos & ~(PAGE_SIZE - 1)
+            chunk = min(end, page + PAGE_SIZE) - pos
+            self._contents.write(self._pages[page], pos - page, b[pos - h:pos - h + chunk], 0)
+            pos += chunk
+
+    def backing(self, hva: Any) -> Optional[int]:
+        """Return the frame backing the page of ``hva``, or None (``EFAULT`` if unmapped)."""
+        h = self._check_range(hva, 1, "backing")
+        return self._pages.get(h & ~(PAGE_SIZE - 1))
+
+    def add_mmu_notifier(self, notifier: Notifier) -> None:
+        """Subscribe ``notifier`` to invalidations.
+
+        A callable ``(start, end)``, or an object with ``invalidate_range_start(start, end)``
+        and optionally ``invalidate_range_end(start, end)``.
+        """
+        if not (callable(notifier) or hasattr(notifier, "invalidate_range_start")):
+            msg = "notifier must be callable or have invalidate_range_start(start, end)"
+            raise TdxTypeError(msg, name="notifier", value=notifier)
+        self._notifiers.append(notifier)
+
+    def remove_mmu_notifier(self, notifier: Notifier) -> None:
+        """Unsubscribe ``notifier`` (``TdxValueError`` if it is not subscribed)."""
+        for i, n in enumerate(self._notifiers):
+            if n is notifier:
+                del self._notifiers[i]
+                return
+        msg = "notifier is not subscribed"
+        raise TdxValueError(msg, name="notifier", value=notifier)
+
+    def madvise_dontneed(self, hva: Any, size: Any) -> int:
+        """Drop the backing of ``[hva, hva+size)`` (rounded up to pages); return frames freed."""
+        h = check_int("hva", hva, 0, 1 << 64)
+        n = check_int("size", size, 0, 1 << 47)
+        if h & (PAGE_SIZE - 1):
+            msg = f"madvise: hva={h:#x} is not page aligned"
+            raise HostError(_errno.EINVAL, msg)
+        n = -(-n // PAGE_SIZE) * PAGE_SIZE
+        if n == 0:
+            return 0
+        try:
+            self._check_range(h, n, "madvise")
+        except HostError as e:
+            raise HostError(_errno.ENOMEM, str(e)) from None
+        ranges: List[Tuple[int, int]] = []
+        for start, msize in sorted(self._maps.items()):
+            lo, hi = max(start, h), min(start + msize, h + n)
+            if lo < hi:
+                ranges.append((lo, hi))
+        freed = 0
+        for lo, hi in ranges:
+            for nt in list(self._notifiers):
+                if hasattr(nt, "invalidate_range_start"):
+                    nt.invalidate_range_start(lo, hi)
+                else:
+                    nt(lo, hi)
+            for page in range(lo, hi, PAGE_SIZE):
+                pfn = self._pages.pop(page, None)
+                if pfn is not None:
+                    self._free(pfn)
+                    freed += 1
+            for nt in list(self._notifiers):
+                end_cb = getattr(nt, "invalidate_range_end", None)
+                if end_cb is not None:
+                    end_cb(lo, hi)
+        return freed
+
+    @property
+    def nr_backed(self) -> int:
+        """Pages currently backed by a frame."""
+        return len(self._pages)
+
+    def state_bytes(self) -> bytes:
+        """``<Q next_hva``, mappings ``<QQ`` ascending, backed pages ``<QQ hva, pfn`` ascending."""
+        parts = [struct.pack("<QQ", self._next_hva, len(self._maps))]
+        parts += [struct.pack("<QQ", s, n) for s, n in sorted(self._maps.items())]
+        parts.append(struct.pack("<Q", len(self._pages)))
+        parts += [struct.pack("<QQ", h, p) for h, p in sorted(self._pages.items())]
+        return b"".join(parts)
+
