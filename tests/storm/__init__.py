@@ -1,0 +1,1 @@
+"""Storm and scheduler tests."""
