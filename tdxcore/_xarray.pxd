@@ -90,6 +90,8 @@ cdef class AttributeStore:
     cdef rs_item* _items            # sorted, non-overlapping items; NULL while _cap_items == 0
     cdef size_t _nr_items           # items in use
     cdef size_t _cap_items          # items allocated
+    cdef uint64_t* _starts          # readers' search index: _starts[i] == _items[i].start after
+                                    # every write (rebuilt at its end); capacity _cap_items
     cdef rs_bitmap* _pool[2]        # freed bitmaps kept for reuse (steady state allocates nothing)
     cdef size_t _nr_pool            # bitmaps in _pool
     # "xarray" backend. Guarded like the above.
@@ -98,6 +100,8 @@ cdef class AttributeStore:
 
     # ranges backend: lookups (readers; no lock beyond the contract above)
     cdef size_t _rs_upper(self, uint64_t gfn) noexcept nogil
+    cdef size_t _rs_upper_index(self, uint64_t gfn) noexcept nogil
+    cdef void _rs_sync_starts(self) noexcept nogil
     cdef size_t _rs_first_end_after(self, uint64_t gfn) noexcept nogil
     cdef Py_ssize_t _rs_container_at(self, uint64_t window) noexcept nogil
     cdef size_t _rs_count_in_window(self, uint64_t window) noexcept nogil

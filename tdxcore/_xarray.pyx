@@ -258,6 +258,7 @@ cdef class AttributeStore:
         self._items = NULL
         self._nr_items = 0
         self._cap_items = 0
+        self._starts = NULL
         self._pool[0] = NULL
         self._pool[1] = NULL
         self._nr_pool = 0
@@ -312,6 +313,29 @@ cdef class AttributeStore:
             c += <size_t>(items[base + i].start <= gfn)
         return base + c
 
+    cdef size_t _rs_upper_index(self, uint64_t gfn) noexcept nogil:
+        """Number of items with start <= gfn, searched in the contiguous ``_starts`` index.
+
+        Readers only: the index is rebuilt at the end of every write, so a writer part-way
+        through a splice must use :meth:`_rs_upper`. Eight 8-byte starts share one cache line,
+        where eight 32-byte items span four (SPEC §9 row 4: random lookups in a fragmented store).
+        """
+        cdef size_t base = 0, n = self._nr_items, half, i, c = 0
+        cdef const uint64_t* starts = self._starts
+        while n > 8:
+            half = n >> 1
+            base = base + half if starts[base + half] <= gfn else base
+            n -= half
+        for i in range(n):
+            c += <size_t>(starts[base + i] <= gfn)
+        return base + c
+
+    cdef void _rs_sync_starts(self) noexcept nogil:
+        """Rebuild the readers' search index after a write (O(items), like the write's splice)."""
+        cdef size_t i
+        for i in range(self._nr_items):
+            self._starts[i] = self._items[i].start
+
     cdef size_t _rs_first_end_after(self, uint64_t gfn) noexcept nogil:
         """Index of the first item with end > gfn (ends are sorted like starts)."""
         cdef size_t i = self._rs_upper(gfn)
@@ -336,7 +360,7 @@ cdef class AttributeStore:
 
     cdef uint64_t _rs_get(self, uint64_t gfn) noexcept nogil:
         """The attribute word of gfn (0 if absent). Reader."""
-        cdef size_t i = self._rs_upper(gfn)
+        cdef size_t i = self._rs_upper_index(gfn)
         cdef rs_item* it
         cdef uint64_t off
         if i == 0:
@@ -414,6 +438,7 @@ cdef class AttributeStore:
         failed allocation asked for).
         """
         cdef rs_item* new_items = NULL
+        cdef uint64_t* new_starts = NULL
         cdef size_t new_cap = 0
         cdef rs_bitmap* got[2]
         cdef size_t nr_got = 0, j
@@ -429,6 +454,11 @@ cdef class AttributeStore:
             if new_items == NULL:
                 self._fail_bytes = new_cap * sizeof(rs_item)
                 return -1
+            new_starts = <uint64_t*>tdx_alloc(&self._mem, new_cap, sizeof(uint64_t), False)
+            if new_starts == NULL:
+                self._fail_bytes = new_cap * sizeof(uint64_t)
+                tdx_free(&self._mem, new_items, new_cap * sizeof(rs_item))
+                return -1
         while self._nr_pool + nr_got < need_bitmaps:
             got[nr_got] = <rs_bitmap*>tdx_alloc(&self._mem, 1, sizeof(rs_bitmap), False)
             if got[nr_got] == NULL:
@@ -436,6 +466,7 @@ cdef class AttributeStore:
                 for j in range(nr_got):
                     tdx_free(&self._mem, got[j], sizeof(rs_bitmap))
                 tdx_free(&self._mem, new_items, new_cap * sizeof(rs_item))
+                tdx_free(&self._mem, new_starts, new_cap * sizeof(uint64_t))
                 return -1
             nr_got += 1
         # Everything is allocated: commit (nothing below can fail).
@@ -443,7 +474,11 @@ cdef class AttributeStore:
             if self._nr_items:
                 memcpy(new_items, self._items, self._nr_items * sizeof(rs_item))
             tdx_free(&self._mem, self._items, self._cap_items * sizeof(rs_item))
+            if self._nr_items:
+                memcpy(new_starts, self._starts, self._nr_items * sizeof(uint64_t))
+            tdx_free(&self._mem, self._starts, self._cap_items * sizeof(uint64_t))
             self._items = new_items
+            self._starts = new_starts
             self._cap_items = new_cap
         for j in range(nr_got):
             self._pool[self._nr_pool] = got[j]
@@ -722,7 +757,10 @@ cdef class AttributeStore:
                 if self._items[i].bm != NULL:
                     tdx_free(&self._mem, self._items[i].bm, sizeof(rs_bitmap))
             tdx_free(&self._mem, self._items, self._cap_items * sizeof(rs_item))
+        if self._starts != NULL:
+            tdx_free(&self._mem, self._starts, self._cap_items * sizeof(uint64_t))
         self._items = NULL
+        self._starts = NULL
         self._nr_items = 0
         self._cap_items = 0
         for i in range(self._nr_pool):
@@ -946,6 +984,7 @@ cdef class AttributeStore:
         if self._rs_prepare_set(start, end, value) < 0:
             return -1
         self._rs_assign(start, end, value)
+        self._rs_sync_starts()
         return 0
 
     cdef int _reserve_locked(self, uint64_t start, uint64_t end) noexcept nogil:

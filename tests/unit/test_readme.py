@@ -21,4 +21,4 @@ def test_readme_python_blocks_run():
         assert lines[0].startswith("TDX_EPT_WALK_FAILED|RCX")
         assert lines[1].startswith("TDX_SUCCESS") and lines[2].startswith("TDX_SUCCESS")
         assert lines[3].startswith("TDX_GPA_RANGE_NOT_BLOCKED|RCX")
-        assert lines[4] == "8 256"
+        assert lines[4] == "8 320"
