@@ -396,7 +396,18 @@ class SeptTree:
             return (TDX_EPT_PAGE_NOT_FREE | OPERAND_ID_RCX, e, self._ls(lv, e))
         self._set(g, lv, FREE_ENTRY)
         self.pamt._release((e & SEPT_PFN_MASK) >> PAGE_SHIFT, OPERAND_ID_RCX)
+        self._drop_locks_below(g, lv)
         return (TDX_SUCCESS, e, self._ls(lv, e))
+
+    def _drop_locks_below(self, gpa: int, level: int) -> None:
+        """Forget the entry-lock state of every entry in the table(s) under (gpa, level).
+
+        The entry lock lives in the S-EPT table with the entry (as the core's lock words do),
+        so freeing a table frees its locks, held or not, and any host-priority request.
+        """
+        hi = gpa + _level_size(level)
+        for key in [k for k in self._locks if k[0] < level and gpa <= k[1] < hi]:
+            del self._locks[key]
 
     def page_accept(self, gpa: int, level: int = 0) -> Result:
         """TDG.MEM.PAGE.ACCEPT (guest)."""
@@ -591,6 +602,7 @@ def _clear(tree: SeptTree, gpa: int, level: int) -> None:
             size = _level_size(level)
             for cg in [c for c in tree._entries[level - 1] if gpa <= c < gpa + size]:
                 _clear(tree, cg, level - 1)
+            tree._drop_locks_below(gpa, level)
         tree.pamt._release(pfn, 0)
     elif _kind(st) == "leaf":
         for k in range(512 ** level):

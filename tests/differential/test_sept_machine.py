@@ -161,3 +161,19 @@ def test_mutation_is_caught():
 def test_sept_machine_long():
     run_state_machine_as_test(SeptMachine, settings=settings(SETTINGS, max_examples=2000,
                                                              stateful_step_count=60))
+
+
+def test_freed_table_takes_its_entry_locks_with_it():
+    """Regression (found by the slow machine): replacing a subtree frees its tables' lock words.
+
+    A guest holds the entry lock of gpa 0x201000; forcing the 2M entry above it to a fresh
+    NL_MAPPED table frees the old leaf table, so the lock is free again in core and twin alike.
+    """
+    trees = []
+    for sept, pamt in ((core_sept, core_pamt), (twin_sept, twin_pamt)):
+        tree = sept.SeptTree(4, pamt.Pamt(1 << 14), tdr=1)
+        tree.sept_add_range(0, 1024, np.arange(10, 20))
+        assert tree.entry_try_lock(0x201000, 0, False) == 0
+        sept._testing_force_state(tree, 0x200000, 1, 0x00)      # NL_MAPPED, a new child table
+        trees.append(tree.entry_try_lock(0x201000, 0, False))
+    assert trees == [0, 0]
