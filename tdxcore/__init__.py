@@ -36,7 +36,9 @@ from tdxcore.constants import (
 )
 from tdxcore.errors import HostError, InvariantViolation, KvmError, TdxError, TdxTypeError, TdxValueError
 from tdxcore.module.host import Host
+from tdxcore.module.td import TdParams
 from tdxcore.module.tdx_module import SeamcallResult
+from tdxcore.storm.scheduler import Scheduler
 from tdxcore.sched import PREEMPT, Wait, WaitOutOfGuest
 from tdxcore.status import Leaf, OpState, SeptState, TdcallLeaf, TdxLevel, TdxStatus
 
@@ -65,6 +67,8 @@ __all__ = [
     "Host",
     "HostError",
     "SeamcallResult",
+    "TdParams",
+    "Scheduler",
     "InvariantViolation",
     "KvmError",
     "TdxError",

@@ -241,3 +241,43 @@ ZERO_STEP_THRESHOLD = 6
 MAP_GPA_MAX_LEN = 2 << 20
 KVM_MAX_CPUID_ENTRIES = 256
 MR_EXTEND_CHUNK = 256
+
+
+# --------------------------------------------------------------------------------------------
+# TD-scope module model (issue 4 items 3-4; tdx-facts §2.3, §3.4, §5.2-§5.3). Values the model
+# chooses inside documented module bounds are marked "model".
+# --------------------------------------------------------------------------------------------
+#: TDCS pages per TD TDH.MNG.ADDCX must add before TDH.MNG.INIT (module bounds 6..9; model: 6).
+TDCS_NR_PAGES = 6
+#: TDVPS pages per vCPU: the TDVPR plus TDVPS_NR_PAGES - 1 TDCX pages via TDH.VP.ADDCX (model).
+TDVPS_NR_PAGES = 6
+#: Host MAXPHYADDR of the model: a KeyID sits in the PA bits from here up (tdx-facts §5.1; model).
+MODEL_MAXPHYADDR = 46
+#: Initial TDCS.TD_EPOCH set by TDH.MNG.INIT (model: 1, so a fresh page's BEPOCH 0 is E-1).
+TD_EPOCH_INITIAL = 1
+#: Largest TD_PARAMS.MAX_VCPUS TDH.MNG.INIT accepts (model; the module's MAX_VCPUS_PER_TD).
+TD_MAX_VCPUS_LIMIT = 576
+#: TD_PARAMS.ATTRIBUTES bits TDH.MNG.INIT accepts (model: the TdAttr bits above).
+TD_ATTRIBUTES_SUPPORTED = (1 << 0) | (1 << 28) | (1 << 30) | (1 << 31) | (1 << 63)
+#: TD_PARAMS.XFAM bits that must be set (x87, SSE) and bits that may be set (model: x87..AVX512,
+#: PKRU, AMX), per the module's XFAM fixed0/fixed1 checks.
+TD_XFAM_FIXED1 = 0x3
+TD_XFAM_SUPPORTED = 0x602E7
+#: TD_PARAMS.TSC_FREQUENCY in 25 MHz units: 100 MHz .. 10 GHz (tdx-facts §5.3).
+TD_TSC_FREQUENCY_MIN = 4
+TD_TSC_FREQUENCY_MAX = 400
+#: TD_PARAMS alignment (1024 B, tdx-facts §2.3 MNG.INIT).
+TD_PARAMS_ALIGN = 1024
+#: VMX basic exit reasons the model's TD exits report in VP.ENTER's RAX low 32 bits.
+EXIT_REASON_HLT = 12
+EXIT_REASON_TDCALL = 77
+#: Field ids TDH.MNG.RD answers (model ids; module metadata field ids are not in the reference):
+#: the fields KVM 6.18 reads after MNG.INIT (TSC offset/multiplier) plus a few for tools.
+MNG_RD_FIELD_ATTRIBUTES = 0
+MNG_RD_FIELD_XFAM = 1
+MNG_RD_FIELD_MAX_VCPUS = 2
+MNG_RD_FIELD_NUM_VCPUS = 3
+MNG_RD_FIELD_OP_STATE = 4
+MNG_RD_FIELD_TD_EPOCH = 5
+MNG_RD_FIELD_TSC_OFFSET = 10
+MNG_RD_FIELD_TSC_MULTIPLIER = 11

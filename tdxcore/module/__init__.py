@@ -1,15 +1,19 @@
-"""The TDX module layer (SPEC §2): the host, KeyIDs, frames, bring-up and SEAMCALL leaves.
+"""The TDX module layer (SPEC §2): the host, KeyIDs, frames, bring-up and every SEAMCALL leaf.
 
-Built so far (issue 4 items 1-2): :class:`Host`, :class:`TdxModule` with the SYS leaves and
-``enable()``. TD pages, TD-scope leaves, in-flight ``begin``/``complete``, ``inject`` and the
-scheduler come later and plug in through ``module.leaves.HANDLERS`` and ``TdxModule``.
+:class:`Host` owns the frames, PAMT, KeyIDs, RNG streams, event log and the module
+(``host.tdx``, a :class:`TdxModule`): bring-up (``enable()``), the TD-scope host leaves and the
+guest's ACCEPT, in-flight ops (``begin`` → :class:`Op` → ``complete``/``abort``) whose try-locks
+really conflict, the TD epoch and zero-step rules, and status injection (``inject``).
 """
 
 from __future__ import annotations
 
 from tdxcore.errors import HostError
 from tdxcore.module.host import Host, LeakRecord, Stats
+from tdxcore.module.inflight import Op
+from tdxcore.module.inject import LEAF_STATUSES, InjectCall, Injection, Injector
 from tdxcore.module.keyids import KeyIdPartition
+from tdxcore.module.td import BuiltTd, TdParams, add_sept_path, build_td
 from tdxcore.module.tdx_module import (
     BRINGUP_STEPS,
     ModuleStatus,
@@ -19,4 +23,5 @@ from tdxcore.module.tdx_module import (
 )
 
 __all__ = ["Host", "HostError", "KeyIdPartition", "LeakRecord", "Stats", "TdxModule", "SeamcallResult",
-           "ModuleStatus", "SysState", "BRINGUP_STEPS"]
+           "ModuleStatus", "SysState", "BRINGUP_STEPS", "Op", "Injector", "Injection", "InjectCall",
+           "LEAF_STATUSES", "TdParams", "BuiltTd", "build_td", "add_sept_path"]

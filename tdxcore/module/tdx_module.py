@@ -1,21 +1,20 @@
 """``host.tdx``: the TDX module's global state, the SEAMCALL dispatcher and ``enable()``.
 
-What exists so far (issue 4 items 1-2): the SYS leaves bring-up uses (TDH.SYS.INIT, LP.INIT,
-CONFIG, KEY.CONFIG, TDMR.INIT; handlers in :mod:`tdxcore.module.leaves.sys`), the dispatcher's
-"system not ready" gate, per-step bring-up failure injection, and the kernel's ``tdx_enable()``
-(:mod:`tdxcore.module.bringup`). TD-scope leaves, ``begin``/``complete``, ``inject`` and the
-scheduler come later: a leaf without a handler gets ``TDX_SYS_NOT_READY`` before the module is
-ready (as the module's dispatcher does) and raises ``TdxValueError("... is not modelled yet")``
-after — an honest absence, never made-up data.
+Contents: the SYS leaves bring-up uses (:mod:`tdxcore.module.leaves.sys`), the TD-scope leaves
+(:mod:`~tdxcore.module.leaves.mng`, ``mem``, ``vp``, ``phymem``) and the guest's
+TDG.MEM.PAGE.ACCEPT (:mod:`tdxcore.module.tdcall`), the dispatcher's "system not ready" gate,
+per-step bring-up failure injection, the kernel's ``tdx_enable()`` (:mod:`tdxcore.module.bringup`),
+and in-flight leaves (:meth:`TdxModule.begin` -> :class:`~tdxcore.module.inflight.Op`). A leaf
+without a handler gets ``TDX_SYS_NOT_READY`` before the module is ready and raises
+``TdxValueError("... is not modelled yet")`` after — an honest absence, never made-up data.
 
-Seams for the later items:
-
-* a leaf family registers ``{Leaf: handler}`` in :data:`tdxcore.module.leaves.HANDLERS`; a
-  handler is ``handler(tdx, cpu, rcx, rdx, r8, r9, r10, r11) -> SeamcallResult`` and is called
-  with ``tdx.lock`` held, after the begin event, the ready gate and injection;
-* :meth:`TdxModule._injected` is the one place an injected status replaces a leaf's effect;
-  the general ``inject()`` should feed it (per-step ``fail_bringup`` is a thin layer on top);
-* ``begin``/``complete`` should reuse :meth:`TdxModule._emit_begin` / :meth:`_emit_end`.
+Handlers: :data:`tdxcore.module.leaves.HANDLERS` maps a leaf to a *begin handler*
+``handler(tdx, op) -> SeamcallResult | effect`` called with ``tdx.lock`` held after the begin
+event, the ready gate and injection (:meth:`TdxModule._injected`, the one place an injected
+status replaces a leaf). It checks and try-locks through ``op``; returning a result (or raising
+``LeafFail``) finishes the op at once with every lock released; returning the effect closure
+leaves the op acquired until ``op.complete()``/``op.abort()``. ``seamcall()`` and the typed
+methods are begin + complete.
 """
 
 from __future__ import annotations
@@ -27,14 +26,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from tdxcore.errors import HostError, TdxTypeError, TdxValueError, check_int
+from tdxcore.module.inject import InjectCall, Injection, Injector
 from tdxcore.sched import KLock, run_to_completion
-from tdxcore.status import TDX_SUCCESS, TDX_SYS_NOT_READY, Leaf, TdxStatus  # type: ignore[attr-defined]
+from tdxcore.status import (  # type: ignore[attr-defined]
+    TDX_SUCCESS, TDX_SYS_NOT_READY, Leaf, TdcallLeaf, TdxStatus,
+)
 
 if TYPE_CHECKING:
     from tdxcore.module.host import Host
 
 __all__ = ["SeamcallResult", "TdxModule", "SysState", "ModuleStatus", "BRINGUP_STEPS",
-           "SYS_READY_EXEMPT", "Tdmr", "Handler"]
+           "SYS_READY_EXEMPT", "Tdmr", "Handler", "BeginHandler", "MODULE_EVENT_KINDS"]
 
 _U64 = 1 << 64
 
@@ -62,8 +64,32 @@ class SeamcallResult:
 
 def result(status: int, rcx: int = 0, rdx: int = 0, r8: int = 0, r9: int = 0, r10: int = 0,
            r11: int = 0) -> SeamcallResult:
-    """Build a :class:`SeamcallResult` from a plain status value."""
+    """Build a :class:`SeamcallResult` from a plain status value.
+
+    Results with all-zero outputs are shared per status (they are immutable): the hot leaves
+    then allocate nothing for their result.
+    """
+    if not (rcx or rdx or r8 or r9 or r10 or r11):
+        r = _PLAIN.get(status)
+        if r is None:
+            r = _PLAIN[status] = SeamcallResult(TdxStatus(status))
+        return r
     return SeamcallResult(TdxStatus(status), rcx, rdx, r8, r9, r10, r11)
+
+
+_PLAIN: Dict[int, SeamcallResult] = {}
+
+
+#: (LeafFail, Op, HANDLERS), imported on first use: those modules import this one.
+_LAZY: Optional[Tuple[Any, Any, Any]] = None
+
+
+def _load_lazy() -> None:
+    global _LAZY
+    from tdxcore.module.inflight import LeafFail, Op
+    from tdxcore.module.leaves import HANDLERS
+
+    _LAZY = (LeafFail, Op, HANDLERS)
 
 
 class SysState(enum.IntEnum):
@@ -118,7 +144,20 @@ class Tdmr:
         return self.base + self.size
 
 
+#: Legacy SYS handler shape (wrapped into a begin handler by :mod:`tdxcore.module.leaves`).
 Handler = Callable[["TdxModule", int, int, int, int, int, int, int], SeamcallResult]
+#: Begin handler: ``handler(tdx, op) -> SeamcallResult | effect closure``.
+BeginHandler = Callable[["TdxModule", Any], Any]
+
+#: Event kinds the TD-scope module adds (fields after kind, actor).
+MODULE_EVENT_KINDS: Tuple[Tuple[str, Tuple[str, ...], Optional[str]], ...] = (
+    ("seamcall_abort", ("leaf", "cpu", "op"), "seamcall"),
+    ("tdcall_abort", ("leaf", "cpu", "op"), "tdcall"),
+    ("td_enter", ("leaf", "cpu", "tdvpr", "epoch", "zero_step"), "seamcall"),
+    ("td_exit", ("leaf", "cpu", "tdvpr", "epoch", "reason", "gfn"), "seamcall"),
+    ("tdcall_begin", ("leaf", "cpu", "args", "gfn", "pfn"), "tdcall"),
+    ("tdcall_end", ("leaf", "cpu", "status", "out", "gfn", "pfn"), "tdcall"),
+)
 
 
 class TdxModule:
@@ -137,6 +176,17 @@ class TdxModule:
     while it drives the generator, so racing threads see exactly one initialization. Do not mix
     a scheduler actor inside ``enable_op`` with a thread calling ``enable()``: the thread would
     find the KLock held and raise ``SchedDeadlock`` (documented limit of the threaded mode).
+
+    ``lock`` is held for the whole of ``begin`` (checks + try-locks) and of ``complete``/``abort``
+    /``enter``/``exit`` (effect + release), never across them: between begin and complete other
+    ops run and meet the held try-locks (SPEC §5). The module's locks are the PAMT entry locks
+    (TDR, pages), the S-EPT entry locks (in the tree core) and BusyLocks (TDCS op state, S-EPT
+    tree, TD epoch; KOT; per-package WBCACHE).
+
+    TD-scope state: ``tds`` (TDR pfn → :class:`~tdxcore.module.td.Td`), ``vcpu_tdr`` (TDVPR pfn
+    → TDR pfn), ``kot`` (:class:`~tdxcore.module.kot.Kot`), ``td_params`` (PA → TdParams written
+    by :meth:`write_td_params`), ``wbcache_resume`` (package → KeyIDs of an interrupted
+    CACHE.WB), ``holders`` (resource key → ops holding it), ``inflight`` (op id → acquired op).
     """
 
     def __init__(self, host: "Host") -> None:
@@ -158,6 +208,27 @@ class TdxModule:
         self.pamt_frames: List[Tuple[int, int]] = []     # (first pfn, nr) per TDMR
         self.tdmr_info_frames: List[int] = []
         self._fail: Dict[Leaf, List[Any]] = {}           # leaf -> [status, remaining]
+        self.injector = Injector(host.rng("inject"),
+                                 on_inject=lambda call, inj: host.count("nr_injected"))
+        # TD-scope module state (issue 4 items 3-4)
+        from tdxcore.module.kot import Kot
+
+        self.tds: Dict[int, Any] = {}                    # TDR pfn -> Td
+        self.vcpu_tdr: Dict[int, int] = {}               # TDVPR pfn -> TDR pfn
+        self.kot = Kot(host.keyids.nr_keyids, host.keyids.guest_range)
+        self.td_params: Dict[int, Any] = {}              # PA -> TdParams written there
+        self.wbcache_locks: Dict[int, Any] = {}          # package -> BusyLock(WBCACHE)
+        self.wbcache_resume: Dict[int, Tuple[int, ...]] = {}   # package -> HKIDs FLUSHED at start
+        self._pending_interrupts: Dict[int, int] = {}    # package -> CACHE.WB calls to interrupt
+        self.holders: Dict[Tuple[Any, ...], List[Any]] = {}    # resource key -> ops holding it
+        self.priority_requester: Dict[Tuple[Any, ...], str] = {}
+        self.inflight: Dict[int, Any] = {}               # op id -> acquired Op
+        self._op_seq = 0
+        self._tdmr_src: Optional[List[Tdmr]] = None      # in_tdmr's cache of TDMR pfn bounds
+        self._tdmr_len = 0
+        self._tdmr_pfns: Tuple[Tuple[int, int], ...] = ()
+        for kind, fields, space in MODULE_EVENT_KINDS:
+            host.events.register_kind(kind, fields, space)
 
     # ------------------------------------------------------------------ bring-up
     def enable_op(self) -> Any:
@@ -223,15 +294,56 @@ class TdxModule:
         n = check_int("count", count, 1, 1 << 31)
         self._fail[leaf] = [TdxStatus(s), n]
 
-    def _injected(self, leaf: Leaf) -> Optional[TdxStatus]:
-        arm = self._fail.get(leaf)
-        if arm is None:
+    def inject(self, leaf: "Leaf | TdcallLeaf", status: int, count: Optional[int] = 1,
+               probability: Optional[float] = None,
+               match: Optional[Callable[[InjectCall], bool]] = None) -> Injection:
+        """Make ``leaf`` return ``status`` instead of running, at most ``count`` times.
+
+        Parameters
+        ----------
+        leaf : Leaf or TdcallLeaf
+            The leaf (a bare int is refused: 6 is both PAGE.AUG and the guest's ACCEPT).
+        status : int
+            A status this leaf can return (``inject.LEAF_STATUSES``), operand included.
+        count : int or None
+            At most this many times (None = unlimited).
+        probability : float or None
+            Each matching call fires with this probability, drawn from the host's ``"inject"``
+            stream (None = always), so a run is deterministic under the host seed.
+        match : callable or None
+            Called with the call's :class:`~tdxcore.module.inject.InjectCall`; fires only if true.
+
+        Returns
+        -------
+        Injection
+            A handle for ``host.tdx.injector.remove()``.
+
+        Raises
+        ------
+        TdxTypeError, TdxValueError
+            A bad leaf, a status the leaf cannot return, or a bad count/probability/match.
+
+        Notes
+        -----
+        SPEC §3.1 (Injection). An injected status replaces the leaf's effect: no lock is taken
+        and nothing changes, as for a real failure found before any side effect.
+        """
+        return self.injector.add(leaf, status, count, probability, match)
+
+    def _injected(self, leaf: "Leaf | TdcallLeaf", regs: Tuple[int, ...] = (0, 0, 0, 0),
+                  cpu: Optional[int] = None, actor: str = "host") -> Optional[TdxStatus]:
+        """The status to inject for this call, if any (bring-up step failures first)."""
+        if isinstance(leaf, Leaf) and leaf in self._fail:
+            arm = self._fail[leaf]
+            arm[1] -= 1
+            if arm[1] <= 0:
+                del self._fail[leaf]
+            self.host.count("nr_injected")
+            return arm[0]
+        inj = self.injector
+        if not inj.is_armed:
             return None
-        arm[1] -= 1
-        if arm[1] <= 0:
-            del self._fail[leaf]
-        self.host.count("nr_injected")
-        return arm[0]
+        return inj.consult(InjectCall(leaf, regs[0], regs[1], regs[2], regs[3], cpu, actor))
 
     # ------------------------------------------------------------------ SEAMCALL
     def _check_cpu(self, cpu: Any) -> int:
@@ -243,9 +355,29 @@ class TdxModule:
             raise TdxValueError(msg, name="cpu", value=c)
         return c
 
-    def seamcall(self, leaf: Leaf, rcx: int = 0, rdx: int = 0, r8: int = 0, r9: int = 0, r10: int = 0,
-                 r11: int = 0, *, cpu: Optional[int] = None, actor: str = "host") -> SeamcallResult:
-        """Issue SEAMCALL ``leaf`` with the given registers on ``cpu`` and return its result.
+    def _next_op_id(self) -> int:
+        self._op_seq += 1
+        return self._op_seq
+
+    def _check_regs(self, leaf: Any, regs: Tuple[int, ...], actor: Any) -> Tuple[int, ...]:
+        if not isinstance(leaf, Leaf):
+            msg = f"leaf={leaf!r} must be a tdx.Leaf, not {type(leaf).__name__} (a bare int is ambiguous)"
+            raise TdxTypeError(msg, name="leaf", value=leaf)
+        # Fast path: plain ints in range (the common case); anything else goes through check_int
+        # for its type/range message (bool is an int by accident and is refused there).
+        if all(type(v) is int and 0 <= v < _U64 for v in regs):
+            out = regs
+        else:
+            names = ("rcx", "rdx", "r8", "r9", "r10", "r11")
+            out = tuple(check_int(n, v, 0, _U64) for n, v in zip(names, regs, strict=True))
+        if not isinstance(actor, str):
+            msg = f"actor={actor!r} must be a str"
+            raise TdxTypeError(msg, name="actor", value=actor)
+        return out
+
+    def begin(self, leaf: Leaf, rcx: int = 0, rdx: int = 0, r8: int = 0, r9: int = 0, r10: int = 0,
+              r11: int = 0, *, cpu: Optional[int] = None, actor: str = "host") -> Any:
+        """Start SEAMCALL ``leaf``: run its checks and take its try-locks; return the :class:`Op`.
 
         Parameters
         ----------
@@ -256,12 +388,13 @@ class TdxModule:
         cpu : int, optional
             The logical processor it runs on (default: the lowest online CPU); must be online.
         actor : str
-            Who issues it, for the event log.
+            Who issues it (event log; lock_conflict holder/contender names).
 
         Returns
         -------
-        SeamcallResult
-            Status and output registers; any status the module can return is data.
+        Op
+            ``op.acquired`` True: the locks are held until ``op.complete()`` / ``op.abort()``;
+            False: already finished (BUSY, a failed check, injection), ``op.result`` set.
 
         Raises
         ------
@@ -272,17 +405,14 @@ class TdxModule:
 
         Notes
         -----
-        Logs ``seamcall_begin`` and ``seamcall_end``. SPEC §3.1; module ``tdx_vmm_dispatcher``.
+        Logs ``seamcall_begin`` now and ``seamcall_end`` when the op finishes (``seamcall_abort``
+        on abort). SPEC §3.1, §5; module ``tdx_vmm_dispatcher``.
         """
-        if not isinstance(leaf, Leaf):
-            msg = f"leaf={leaf!r} must be a tdx.Leaf, not {type(leaf).__name__} (a bare int is ambiguous)"
-            raise TdxTypeError(msg, name="leaf", value=leaf)
-        regs = tuple(check_int(n, v, 0, _U64) for n, v in
-                     (("rcx", rcx), ("rdx", rdx), ("r8", r8), ("r9", r9), ("r10", r10), ("r11", r11)))
-        if not isinstance(actor, str):
-            msg = f"actor={actor!r} must be a str"
-            raise TdxTypeError(msg, name="actor", value=actor)
-        from tdxcore.module.leaves import HANDLERS
+        regs = self._check_regs(leaf, (rcx, rdx, r8, r9, r10, r11), actor)
+        if _LAZY is None:
+            _load_lazy()
+        assert _LAZY is not None
+        LeafFail, Op, HANDLERS = _LAZY
 
         with self.lock:
             c = self._check_cpu(cpu)
@@ -291,18 +421,93 @@ class TdxModule:
             if handler is None and not gated:
                 msg = f"leaf {leaf} is not modelled yet (SEAMCALL {int(leaf)})"
                 raise TdxValueError(msg, name="leaf", value=leaf)
+            op = Op(self, leaf, regs, c, actor)
             self._emit_begin(actor, leaf, c, regs)
             self.host.count("nr_seamcalls")
-            inj = self._injected(leaf)
+            inj = self._injected(leaf, regs, c, actor)
             if inj is not None:
-                res = SeamcallResult(inj)
-            elif gated:
-                res = result(TDX_SYS_NOT_READY)
-            else:
-                assert handler is not None  # gated is False and handler None raised above
-                res = handler(self, c, *regs)
-            self._emit_end(actor, leaf, c, res)
-            return res
+                op._finish(SeamcallResult(inj))
+                return op
+            if gated:
+                op._finish(result(TDX_SYS_NOT_READY))
+                return op
+            assert handler is not None  # gated is False and handler None raised above
+            try:
+                r = handler(self, op)
+            except LeafFail as f:
+                op._release_all()
+                op._finish(f.res)
+                return op
+            except BaseException:
+                op._release_all()
+                raise
+            if isinstance(r, SeamcallResult):
+                op._release_all()
+                op._finish(r)
+                return op
+            if op._exit is None:
+                op._effect = r
+            op.acquired = True
+            self.inflight[op.id] = op
+            return op
+
+    def seamcall(self, leaf: Leaf, rcx: int = 0, rdx: int = 0, r8: int = 0, r9: int = 0, r10: int = 0,
+                 r11: int = 0, *, cpu: Optional[int] = None, actor: str = "host") -> SeamcallResult:
+        """Issue SEAMCALL ``leaf`` with the given registers on ``cpu`` and return its result.
+
+        ``begin(...)`` + ``complete()`` (see :meth:`begin` for parameters and errors). The
+        result's status is data: any status the module can return, BUSY included.
+        """
+        return self.begin(leaf, rcx, rdx, r8, r9, r10, r11, cpu=cpu, actor=actor).complete()
+
+    def _emit_end_op(self, op: Any, res: SeamcallResult) -> int:
+        if op.leaf_space == "tdcall":
+            if res.status.is_error:
+                self.host.count("nr_tdcall_errors")
+            return self.host.events.emit("tdcall_end", op.actor, int(op.leaf), op.cpu, int(res.status),
+                                         res.out, op.gfn, op.pfn)
+        return self._emit_end(op.actor, op.leaf, op.cpu, res, op.gfn, op.pfn)
+
+    def in_tdmr(self, pfn: int) -> bool:
+        """Whether frame ``pfn`` lies in a configured TDMR (TDX-convertible memory)."""
+        if self._tdmr_src is not self.tdmrs or self._tdmr_len != len(self.tdmrs):
+            self._tdmr_src, self._tdmr_len = self.tdmrs, len(self.tdmrs)
+            self._tdmr_pfns = tuple((t.base >> 12, t.end >> 12) for t in self.tdmrs)
+        for lo, hi in self._tdmr_pfns:
+            if lo <= pfn < hi:
+                return True
+        return False
+
+    def write_td_params(self, pa: int, params: Any) -> None:
+        """Store a :class:`~tdxcore.module.td.TdParams` at host PA ``pa`` for TDH.MNG.INIT (RDX).
+
+        Models the host writing the 1024-byte TD_PARAMS structure; ``pa`` must be
+        ``TD_PARAMS_ALIGN``-aligned host memory (else MNG.INIT answers ``OPERAND_INVALID|RDX``).
+        """
+        from tdxcore.module.td import TdParams
+
+        p = check_int("pa", pa, 0, self.host.nr_frames << 12)
+        if not isinstance(params, TdParams):
+            msg = f"params={params!r} must be a TdParams"
+            raise TdxTypeError(msg, name="params", value=params)
+        self.td_params[p] = params
+
+    def pending_interrupt(self, package: int, count: int = 1) -> None:
+        """Make the next ``count`` TDH.PHYMEM.CACHE.WB calls on ``package`` see a host interrupt.
+
+        Each saves its resume point and returns ``TDX_INTERRUPTED_RESUMABLE`` (a test knob for
+        the module's pending-interrupt check between sub-blocks).
+        """
+        pk = check_int("package", package, 0, self.host.nr_packages)
+        self._pending_interrupts[pk] = check_int("count", count, 0, 1 << 31)
+
+    def td(self, tdr: int) -> Any:
+        """Return the module's :class:`~tdxcore.module.td.Td` of TDR frame ``tdr`` (KeyError if none)."""
+        return self.tds[tdr]
+
+    def vcpu(self, tdvpr: int) -> Any:
+        """Return the :class:`~tdxcore.module.td.Vcpu` of TDVPR frame ``tdvpr`` (KeyError if none)."""
+        return self.tds[self.vcpu_tdr[tdvpr]].vcpus[tdvpr]
 
     def _emit_begin(self, actor: str, leaf: Leaf, cpu: int, regs: Tuple[int, ...],
                     gfn: Optional[int] = None, pfn: Optional[int] = None) -> int:
@@ -343,6 +548,190 @@ class TdxModule:
         """
         return self.seamcall(Leaf.TDH_SYS_TDMR_INIT, tdmr_base, cpu=cpu, actor=actor)
 
+    # typed TD-scope leaves -----------------------------------------------------------
+    # Frames are pfns (the method builds PA = pfn << 12); GPAs are 4 KiB-aligned guest physical
+    # addresses (combined with the level into the GPA|level operand). Statuses are data.
+    def _pa(self, name: str, pfn: Any) -> int:
+        return check_int(name, pfn, 0, 1 << 40) << 12
+
+    def _gpa_level(self, gpa: Any, level: Any) -> int:
+        g = check_int("gpa", gpa, 0, 1 << 52)
+        if g & 0xFFF:
+            msg = f"gpa={g:#x} is not 4 KiB aligned"
+            raise TdxValueError(msg, name="gpa", value=gpa)
+        return g | check_int("level", level, 0, 5)
+
+    def tdh_mng_create(self, tdr: int, hkid: int, *, cpu: Optional[int] = None,
+                       actor: str = "host") -> SeamcallResult:
+        """TDH.MNG.CREATE (9): RCX = TDR frame, RDX = HKID."""
+        return self.seamcall(Leaf.TDH_MNG_CREATE, self._pa("tdr", tdr), hkid, cpu=cpu, actor=actor)
+
+    def tdh_mng_key_config(self, tdr: int,
+                           *, cpu: Optional[int] = None, actor: str = "host") -> SeamcallResult:
+        """TDH.MNG.KEY.CONFIG (8) on ``cpu``: program the TD's HKID on that CPU's package."""
+        return self.seamcall(Leaf.TDH_MNG_KEY_CONFIG, self._pa("tdr", tdr), cpu=cpu, actor=actor)
+
+    def tdh_mng_addcx(self, tdr: int, page: int, *, cpu: Optional[int] = None,
+                      actor: str = "host") -> SeamcallResult:
+        """TDH.MNG.ADDCX (1): add TDCS page ``page`` to TD ``tdr``."""
+        return self.seamcall(Leaf.TDH_MNG_ADDCX, self._pa("page", page), self._pa("tdr", tdr), cpu=cpu,
+                             actor=actor)
+
+    def tdh_mng_init(self, tdr: int, td_params_pa: int, *, cpu: Optional[int] = None,
+                     actor: str = "host") -> SeamcallResult:
+        """TDH.MNG.INIT (21): RDX = PA where :meth:`write_td_params` stored the TD_PARAMS."""
+        return self.seamcall(Leaf.TDH_MNG_INIT, self._pa("tdr", tdr), td_params_pa, cpu=cpu, actor=actor)
+
+    def tdh_mng_rd(self, tdr: int, field: int,
+                   *, cpu: Optional[int] = None, actor: str = "host") -> SeamcallResult:
+        """TDH.MNG.RD (11): R8 = value of ``field`` (``constants.MNG_RD_FIELD_*``)."""
+        return self.seamcall(Leaf.TDH_MNG_RD, self._pa("tdr", tdr), field, cpu=cpu, actor=actor)
+
+    def tdh_mng_vpflushdone(self, tdr: int,
+                            *, cpu: Optional[int] = None, actor: str = "host") -> SeamcallResult:
+        """TDH.MNG.VPFLUSHDONE (19): KOT entry -> FLUSHED, TD lifecycle -> BLOCKED."""
+        return self.seamcall(Leaf.TDH_MNG_VPFLUSHDONE, self._pa("tdr", tdr), cpu=cpu, actor=actor)
+
+    def tdh_mng_key_freeid(self, tdr: int,
+                           *, cpu: Optional[int] = None, actor: str = "host") -> SeamcallResult:
+        """TDH.MNG.KEY.FREEID (20): KOT entry -> FREE, TD lifecycle -> TEARDOWN."""
+        return self.seamcall(Leaf.TDH_MNG_KEY_FREEID, self._pa("tdr", tdr), cpu=cpu, actor=actor)
+
+    def tdh_vp_create(self, tdr: int, tdvpr: int, *, cpu: Optional[int] = None,
+                      actor: str = "host") -> SeamcallResult:
+        """TDH.VP.CREATE (10): RCX = TDVPR frame, RDX = TDR."""
+        return self.seamcall(Leaf.TDH_VP_CREATE, self._pa("tdvpr", tdvpr), self._pa("tdr", tdr), cpu=cpu,
+                             actor=actor)
+
+    def tdh_vp_addcx(self, tdvpr: int, page: int, *, cpu: Optional[int] = None,
+                     actor: str = "host") -> SeamcallResult:
+        """TDH.VP.ADDCX (4): RCX = TDCX frame, RDX = TDVPR."""
+        return self.seamcall(Leaf.TDH_VP_ADDCX, self._pa("page", page), self._pa("tdvpr", tdvpr), cpu=cpu,
+                             actor=actor)
+
+    def tdh_vp_init(self, tdvpr: int, rcx: int, x2apic_id: int, *, cpu: Optional[int] = None,
+                    actor: str = "host") -> SeamcallResult:
+        """TDH.VP.INIT v1 (22): initial guest RCX and the vCPU's x2APIC id."""
+        return self.seamcall(Leaf.TDH_VP_INIT, self._pa("tdvpr", tdvpr), rcx, x2apic_id, cpu=cpu, actor=actor)
+
+    def vp_enter(self, tdvpr: int, *, cpu: Optional[int] = None, actor: str = "host") -> Any:
+        """Begin TDH.VP.ENTER (0) on ``tdvpr``.
+
+        The :class:`~tdxcore.module.inflight.Op` to ``enter()`` and later ``exit(reason,
+        ...)`` (see :mod:`tdxcore.module.leaves.vp`).
+        """
+        return self.begin(Leaf.TDH_VP_ENTER, self._pa("tdvpr", tdvpr), cpu=cpu, actor=actor)
+
+    def tdh_vp_enter(self, tdvpr: int, *, cpu: Optional[int] = None, actor: str = "host") -> SeamcallResult:
+        """TDH.VP.ENTER (0) run to a TDCALL exit (begin + enter + exit), or its BUSY/failure."""
+        return self.vp_enter(tdvpr, cpu=cpu, actor=actor).complete()
+
+    def tdh_vp_flush(self, tdvpr: int, *, cpu: Optional[int] = None, actor: str = "host") -> SeamcallResult:
+        """TDH.VP.FLUSH (18) on the LP the vCPU is associated with."""
+        return self.seamcall(Leaf.TDH_VP_FLUSH, self._pa("tdvpr", tdvpr), cpu=cpu, actor=actor)
+
+    def tdh_mem_sept_add(self, tdr: int, gpa: int, level: int, page: int, *, cpu: Optional[int] = None,
+                         actor: str = "host") -> SeamcallResult:
+        """TDH.MEM.SEPT.ADD (3): link S-EPT page ``page`` for the level-``level`` entry of ``gpa``."""
+        return self.seamcall(Leaf.TDH_MEM_SEPT_ADD, self._gpa_level(gpa, level), self._pa("tdr", tdr),
+                             self._pa("page", page), cpu=cpu, actor=actor)
+
+    def tdh_mem_page_add(self, tdr: int, gpa: int, page: int, source: int, *, cpu: Optional[int] = None,
+                         actor: str = "host") -> SeamcallResult:
+        """TDH.MEM.PAGE.ADD (2): copy frame ``source`` into ``page`` mapped at ``gpa`` (4K)."""
+        return self.seamcall(Leaf.TDH_MEM_PAGE_ADD, self._gpa_level(gpa, 0), self._pa("tdr", tdr),
+                             self._pa("page", page), self._pa("source", source), cpu=cpu, actor=actor)
+
+    def tdh_mr_extend(self, tdr: int, gpa: int,
+                      *, cpu: Optional[int] = None, actor: str = "host") -> SeamcallResult:
+        """TDH.MR.EXTEND (16): measure the 256-byte chunk at ``gpa``."""
+        return self.seamcall(Leaf.TDH_MR_EXTEND, check_int("gpa", gpa, 0, 1 << 52), self._pa("tdr", tdr),
+                             cpu=cpu, actor=actor)
+
+    def tdh_mr_finalize(self, tdr: int, *, cpu: Optional[int] = None, actor: str = "host") -> SeamcallResult:
+        """TDH.MR.FINALIZE (17): op state -> RUNNABLE."""
+        return self.seamcall(Leaf.TDH_MR_FINALIZE, self._pa("tdr", tdr), cpu=cpu, actor=actor)
+
+    def tdh_mem_page_aug(self, tdr: int, gpa: int, level: int, page: int, *, cpu: Optional[int] = None,
+                         actor: str = "host") -> SeamcallResult:
+        """TDH.MEM.PAGE.AUG (6): map frame ``page`` PENDING at ``gpa``/``level``."""
+        return self.seamcall(Leaf.TDH_MEM_PAGE_AUG, self._gpa_level(gpa, level), self._pa("tdr", tdr),
+                             self._pa("page", page), cpu=cpu, actor=actor)
+
+    def tdh_mem_range_block(self, tdr: int, gpa: int, level: int, *, cpu: Optional[int] = None,
+                            actor: str = "host") -> SeamcallResult:
+        """TDH.MEM.RANGE.BLOCK (7)."""
+        return self.seamcall(Leaf.TDH_MEM_RANGE_BLOCK, self._gpa_level(gpa, level), self._pa("tdr", tdr),
+                             cpu=cpu, actor=actor)
+
+    def tdh_mem_range_unblock(self, tdr: int, gpa: int, level: int, *, cpu: Optional[int] = None,
+                              actor: str = "host") -> SeamcallResult:
+        """TDH.MEM.RANGE.UNBLOCK (39)."""
+        return self.seamcall(Leaf.TDH_MEM_RANGE_UNBLOCK, self._gpa_level(gpa, level), self._pa("tdr", tdr),
+                             cpu=cpu, actor=actor)
+
+    def tdh_mem_track(self, tdr: int, *, cpu: Optional[int] = None, actor: str = "host") -> SeamcallResult:
+        """TDH.MEM.TRACK (38): advance the TD epoch."""
+        return self.seamcall(Leaf.TDH_MEM_TRACK, self._pa("tdr", tdr), cpu=cpu, actor=actor)
+
+    def tdh_mem_page_remove(self, tdr: int, gpa: int, level: int, *, cpu: Optional[int] = None,
+                            actor: str = "host") -> SeamcallResult:
+        """TDH.MEM.PAGE.REMOVE (29)."""
+        return self.seamcall(Leaf.TDH_MEM_PAGE_REMOVE, self._gpa_level(gpa, level), self._pa("tdr", tdr),
+                             cpu=cpu, actor=actor)
+
+    def tdh_mem_sept_remove(self, tdr: int, gpa: int, level: int, *, cpu: Optional[int] = None,
+                            actor: str = "host") -> SeamcallResult:
+        """TDH.MEM.SEPT.REMOVE (30)."""
+        return self.seamcall(Leaf.TDH_MEM_SEPT_REMOVE, self._gpa_level(gpa, level), self._pa("tdr", tdr),
+                             cpu=cpu, actor=actor)
+
+    def tdh_phymem_cache_wb(self, resume: bool = False, *, cpu: Optional[int] = None,
+                            actor: str = "host") -> SeamcallResult:
+        """TDH.PHYMEM.CACHE.WB (40) on ``cpu``'s package; ``resume`` sets RCX = 1."""
+        if not isinstance(resume, bool):
+            msg = f"resume={resume!r} must be a bool"
+            raise TdxTypeError(msg, name="resume", value=resume)
+        return self.seamcall(Leaf.TDH_PHYMEM_CACHE_WB, int(resume), cpu=cpu, actor=actor)
+
+    def tdh_phymem_page_reclaim(self, page: int, *, cpu: Optional[int] = None,
+                                actor: str = "host") -> SeamcallResult:
+        """TDH.PHYMEM.PAGE.RECLAIM (28): RCX = type, RDX = owner, R8 = size on success."""
+        return self.seamcall(Leaf.TDH_PHYMEM_PAGE_RECLAIM, self._pa("page", page), cpu=cpu, actor=actor)
+
+    def tdh_phymem_page_wbinvd(self, page: int, keyid: int, *, cpu: Optional[int] = None,
+                               actor: str = "host") -> SeamcallResult:
+        """TDH.PHYMEM.PAGE.WBINVD (41): RCX = PA | keyid << MODEL_MAXPHYADDR."""
+        from tdxcore.constants import MODEL_MAXPHYADDR
+
+        k = check_int("keyid", keyid, 0, 1 << 16)
+        return self.seamcall(Leaf.TDH_PHYMEM_PAGE_WBINVD, self._pa("page", page) | (k << MODEL_MAXPHYADDR),
+                             cpu=cpu, actor=actor)
+
+    # guest TDCALL ----------------------------------------------------------------------
+    def begin_accept(self, tdvpr: int, gpa: int, level: int = 0, *, cpu: Optional[int] = None,
+                     actor: str = "guest") -> Any:
+        """Begin the guest's TDG.MEM.PAGE.ACCEPT on vCPU ``tdvpr`` (see :mod:`tdxcore.module.tdcall`).
+
+        ``tdvpr`` is the vCPU's TDVPR frame or its :class:`~tdxcore.module.td.Vcpu` handle.
+        """
+        from tdxcore.module.td import Vcpu
+        from tdxcore.module.tdcall import begin_accept
+
+        if isinstance(tdvpr, Vcpu):
+            tdvpr = tdvpr.tdvpr
+        return begin_accept(self, tdvpr, self._gpa_level(gpa, level), cpu, actor)
+
+    def tdg_mem_page_accept(self, tdvpr: int, gpa: int, level: int = 0, *, cpu: Optional[int] = None,
+                            actor: str = "guest") -> SeamcallResult:
+        """TDG.MEM.PAGE.ACCEPT (TDCALL 6).
+
+        SUCCESS, PAGE_ALREADY_ACCEPTED|level, PAGE_SIZE_MISMATCH|level, ``TDX_SUCCESS |
+        ACCEPT_EPT_VIOLATION`` (the EPT-violation TD exit), OPERAND_BUSY|RCX or
+        OPERAND_BUSY_HOST_PRIORITY|RCX.
+        """
+        return self.begin_accept(tdvpr, gpa, level, cpu=cpu, actor=actor).complete()
+
     # ------------------------------------------------------------------ host hooks
     @property
     def is_ready(self) -> bool:
@@ -365,6 +754,13 @@ class TdxModule:
         parts.append(struct.pack(f"<H{len(self.tdmr_info_frames)}Q", len(self.tdmr_info_frames),
                                  *self.tdmr_info_frames))
         parts.append(b"" if self.error is None else str(self.error).encode())
+        parts.append(self.kot.state_bytes())
+        for tdr in sorted(self.tds):
+            parts.append(self.tds[tdr].state_bytes())
+        for pkg in sorted(self.wbcache_resume):
+            hk = self.wbcache_resume[pkg]
+            parts.append(struct.pack(f"<HH{len(hk)}H", pkg, len(hk), *hk))
+        parts.append(self.injector.state_bytes())
         return b"".join(parts)
 
     def __repr__(self) -> str:

@@ -270,8 +270,8 @@ def test_unmodelled_leaf_after_init_raises():
     h = _host()
     h.tdx.enable()
     n = len(h.events)
-    with pytest.raises(TdxValueError, match="TDH.MEM.PAGE.AUG is not modelled yet"):
-        h.tdx.seamcall(Leaf.TDH_MEM_PAGE_AUG)
+    with pytest.raises(TdxValueError, match="TDH.MEM.PAGE.DEMOTE is not modelled yet"):
+        h.tdx.seamcall(Leaf.TDH_MEM_PAGE_DEMOTE)
     with pytest.raises(TdxValueError, match="not modelled yet"):
         h.tdx.seamcall(Leaf.TDH_SYS_RD)
     assert len(h.events) == n

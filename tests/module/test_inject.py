@@ -396,3 +396,62 @@ def test_is_armed_and_only_the_enum_member_matches():
     assert inj.is_armed
     assert inj.consult(InjectCall(6)) is None  # type: ignore[arg-type]  # a bare int is no leaf
     assert inj.consult(_call()) == BUSY_SEPT and not inj.is_armed and not h.armed
+
+
+# ---------------------------------------------------------------------------------------------
+# Wired into the module: host.tdx.inject() replaces a leaf's effect (SPEC §3.1)
+# ---------------------------------------------------------------------------------------------
+
+
+def _running_td():
+    from tdxcore.module.host import Host
+    from tdxcore.module.td import add_sept_path, build_td
+
+    host = Host(seed=7)
+    host.tdx.enable()
+    built = build_td(host)
+    add_sept_path(host, built.tdr, 4 << 30)
+    return host, built
+
+
+def test_module_inject_replaces_the_effect_and_counts():
+    from tdxcore.status import OPERAND_ID_SEPT_TREE, TDX_OPERAND_BUSY, TDX_SUCCESS, Leaf
+
+    host, built = _running_td()
+    gpa, page = 4 << 30, host.alloc_frame()
+    before = host.tdx.td(built.tdr).sept.state_hash()
+    host.tdx.inject(Leaf.TDH_MEM_PAGE_AUG, TDX_OPERAND_BUSY | OPERAND_ID_SEPT_TREE, count=1,
+                    match=lambda call: call.gpa == gpa)
+    res = host.tdx.tdh_mem_page_aug(built.tdr, gpa, 0, page)
+    assert res.status == TDX_OPERAND_BUSY | OPERAND_ID_SEPT_TREE
+    assert host.tdx.td(built.tdr).sept.state_hash() == before        # no effect
+    assert host.stats.nr_injected == 1
+    assert host.tdx.tdh_mem_page_aug(built.tdr, gpa, 0, page).status == TDX_SUCCESS  # count spent
+
+
+def test_module_inject_refuses_a_status_the_leaf_cannot_return():
+    from tdxcore.errors import TdxTypeError, TdxValueError
+    from tdxcore.status import TDX_KEY_CONFIGURED, Leaf
+
+    host, _ = _running_td()
+    with pytest.raises(TdxValueError, match="status"):
+        host.tdx.inject(Leaf.TDH_MEM_PAGE_REMOVE, TDX_KEY_CONFIGURED)
+    with pytest.raises(TdxTypeError, match="leaf"):
+        host.tdx.inject(6, TDX_KEY_CONFIGURED)
+
+
+def test_module_inject_is_deterministic_under_the_host_seed():
+    from tdxcore.status import OPERAND_ID_SEPT_TREE, TDX_OPERAND_BUSY, Leaf
+
+    def run():
+        host, built = _running_td()
+        host.tdx.inject(Leaf.TDH_MEM_PAGE_AUG, TDX_OPERAND_BUSY | OPERAND_ID_SEPT_TREE, count=None,
+                        probability=0.5)
+        out = []
+        for i in range(32):
+            out.append(int(host.tdx.tdh_mem_page_aug(built.tdr, (4 << 30) + (i << 12), 0,
+                                                      host.alloc_frame()).status))
+        return out, host.state_hash()
+
+    a, b = run(), run()
+    assert a == b and 0 < sum(1 for s in a[0] if s) < 32
