@@ -23,11 +23,11 @@ import enum
 import struct
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Generator, List, Optional, Tuple
 
 from tdxcore.errors import HostError, TdxTypeError, TdxValueError, check_int
 from tdxcore.module.inject import InjectCall, Injection, Injector
-from tdxcore.sched import KLock, run_to_completion
+from tdxcore.sched import PREEMPT, KLock, run_to_completion
 from tdxcore.status import (  # type: ignore[attr-defined]
     TDX_SUCCESS, TDX_SYS_NOT_READY, Leaf, TdcallLeaf, TdxStatus,
 )
@@ -459,6 +459,31 @@ class TdxModule:
         result's status is data: any status the module can return, BUSY included.
         """
         return self.begin(leaf, rcx, rdx, r8, r9, r10, r11, cpu=cpu, actor=actor).complete()
+
+    def seamcall_op(self, leaf: Leaf, rcx: int = 0, rdx: int = 0, r8: int = 0, r9: int = 0,
+                    r10: int = 0, r11: int = 0, *, cpu: Optional[int] = None,
+                    actor: str = "host") -> Generator[Any, Any, SeamcallResult]:
+        """The generator form of one SEAMCALL (SPEC §5): ``begin``, a preemption point, ``complete``.
+
+        An op that took its try-locks yields ``PREEMPT`` once while it holds them, so under a
+        :class:`~tdxcore.storm.scheduler.Scheduler` other actors run while it is in flight and
+        really contend with it; an op that finished at ``begin`` (BUSY, a failed check, an
+        injected status) does not yield. Use it as ``res = yield from host.tdx.seamcall_op(...)``.
+
+        Returns
+        -------
+        SeamcallResult
+            As :meth:`seamcall` (which is the same ``begin`` + ``complete`` with no yield between).
+
+        Notes
+        -----
+        One implementation: both forms are ``begin`` → ``complete``; this one only adds the
+        preemption point SPEC §5 puts between the two edges of an in-flight SEAMCALL.
+        """
+        op = self.begin(leaf, rcx, rdx, r8, r9, r10, r11, cpu=cpu, actor=actor)
+        if op.acquired:
+            yield PREEMPT
+        return op.complete()
 
     def _emit_end_op(self, op: Any, res: SeamcallResult) -> int:
         if op.leaf_space == "tdcall":
