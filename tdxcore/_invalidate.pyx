@@ -30,7 +30,7 @@ import struct
 
 import numpy as np
 
-from tdxcore.errors import InvariantViolation, TdxTypeError, TdxValueError, check_int
+from tdxcore.errors import InvariantViolation, TdxTypeError, TdxValueError, check_int, check_u64_array
 
 # Upstream's INVALID_GPA sentinel is all ones; the range fields hold gfns, so the sentinel is the
 # one value no gfn (< MAX_GFN) can take.
@@ -387,20 +387,7 @@ cdef class InvalidateTracker:
 
 def _check_gfn_array(name, x):
     """Return ``x`` as a contiguous uint64 array after checking dtype, shape and gfn bounds."""
-    arr = np.asarray(x)
-    if arr.dtype.kind not in "iu":
-        msg = f"{name} must be an integer array (dtype={arr.dtype})"
-        raise TdxTypeError(msg, name=name, value=arr.dtype)
-    if arr.ndim != 1:
-        msg = f"{name} must be 1-D (ndim={arr.ndim})"
-        raise TdxValueError(msg, name=name, value=arr.ndim)
-    if arr.size:
-        bad = (arr < 0) | (arr >= MAX_GFN) if arr.dtype.kind == "i" else arr >= MAX_GFN
-        if bad.any():
-            i = int(np.argmax(bad))
-            msg = f"{name}[{i}]={int(arr[i]):#x} is out of range [0x0, {MAX_GFN:#x})"
-            raise TdxValueError(msg, name=name, value=int(arr[i]))
-    return np.ascontiguousarray(arr, dtype=np.uint64)
+    return check_u64_array(name, x, MAX_GFN)
 
 
 def _testing_mutate(InvalidateTracker tracker, name):

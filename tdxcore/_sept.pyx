@@ -40,7 +40,7 @@ from tdxcore._pamt cimport Pamt, pamt_is_tlb_tracked
 
 from tdxcore import constants as _constants
 from tdxcore._pamt import Pamt as _PamtPy
-from tdxcore.errors import TdxTypeError, TdxValueError, check_int
+from tdxcore.errors import TdxTypeError, TdxValueError, check_int, check_u64_array
 
 cnp.import_array()
 
@@ -146,26 +146,13 @@ cdef object _ret(sept_result* r, str what):
 
 
 def _u64_array(name, x):
-    """Return ``x`` as a contiguous 1-D uint64 array, rejecting non-integer or 2-D input."""
-    a = np.asarray(x)
-    if a.dtype.kind not in "iu":
-        msg = f"{name} must be an integer array (dtype={a.dtype})"
-        raise TdxTypeError(msg, name=name, value=x)
-    if a.ndim != 1:
-        msg = f"{name} must be 1-D (ndim={a.ndim})"
-        raise TdxValueError(msg, name=name, value=x)
-    if a.dtype.kind == "i" and a.size and int(a.min()) < 0:
-        msg = f"{name} has a negative value ({int(a.min())})"
-        raise TdxValueError(msg, name=name, value=x)
-    return np.ascontiguousarray(a, dtype=np.uint64)
+    """Return ``x`` as a contiguous 1-D uint64 array (errors.check_u64_array)."""
+    return check_u64_array(name, x)
 
 
 def _gfn_array(name, x):
-    a = _u64_array(name, x)
-    if a.size and int(a.max()) >= _MAX_GFN:
-        msg = f"{name} has gfn={int(a.max()):#x} >= MAX_GFN ({_MAX_GFN:#x})"
-        raise TdxValueError(msg, name=name, value=x)
-    return a
+    """Return ``x`` as a contiguous 1-D uint64 array of gfns below MAX_GFN."""
+    return check_u64_array(name, x, _MAX_GFN)
 
 
 cdef class SeptTree:

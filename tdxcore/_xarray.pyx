@@ -62,6 +62,7 @@ from tdxcore._defs cimport MAX_GFN
 
 from tdxcore.errors import TdxTypeError, TdxValueError
 from tdxcore.errors import check_int as _check_int
+from tdxcore.errors import check_u64_array
 
 cnp.import_array()
 
@@ -1298,23 +1299,7 @@ cdef class AttributeStore:
 
 cdef cnp.ndarray _gfn_array(object gfns):
     """Validate a 1-D integer array-like of gfns; return it as contiguous uint64."""
-    arr = np.asarray(gfns)
-    if arr.dtype.kind not in "iu":
-        msg = f"gfns must be an integer array (dtype={arr.dtype})"
-        raise TdxTypeError(msg, name="gfns", value=arr.dtype)
-    if arr.ndim != 1:
-        msg = f"gfns must be 1-D (ndim={arr.ndim})"
-        raise TdxValueError(msg, name="gfns", value=arr.ndim)
-    if arr.size:
-        if arr.dtype.kind == "i" and arr.min() < 0:
-            i = int(np.argmax(arr < 0))
-            msg = f"gfns[{i}]={int(arr[i])} is negative"
-            raise TdxValueError(msg, name="gfns", value=int(arr[i]))
-        if arr.max() >= MAX_GFN:
-            i = int(np.argmax(arr >= MAX_GFN))
-            msg = f"gfns[{i}]={int(arr[i]):#x} is out of range [0x0, {MAX_GFN:#x})"
-            raise TdxValueError(msg, name="gfns", value=int(arr[i]))
-    return np.ascontiguousarray(arr, dtype=np.uint64)
+    return check_u64_array("gfns", gfns, MAX_GFN)
 
 
 cdef void _raise_nomem(str op, size_t nbytes, str backend) except *:

@@ -125,3 +125,46 @@ class HostError(TdxError, OSError):
 
     def __init__(self, errno: int, msg: str) -> None:
         OSError.__init__(self, errno, msg)
+
+
+def check_u64_array(name: str, value: Any, hi: int = 1 << 64) -> Any:
+    """Return ``value`` as a contiguous 1-D ``numpy.uint64`` array with every element in ``[0, hi)``.
+
+    The one check every batch entry point (cores and twins) applies to its array arguments.
+
+    Parameters
+    ----------
+    name : str
+        The argument's name, used in the message.
+    value : array_like
+        A 1-D array-like of integers (any integer dtype).
+    hi : int
+        Exclusive upper bound of the elements (``MAX_GFN`` for gfns).
+
+    Raises
+    ------
+    TdxTypeError
+        The array is not of an integer dtype (float, bool, object, ...).
+    TdxValueError
+        It is not 1-D, or an element is negative or ``>= hi`` (the first such index is named).
+    """
+    import numpy as np
+
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iu":
+        msg = f"{name} must be an integer array (dtype={arr.dtype})"
+        raise TdxTypeError(msg, name=name, value=arr.dtype)
+    if arr.ndim != 1:
+        msg = f"{name} must be 1-D (ndim={arr.ndim})"
+        raise TdxValueError(msg, name=name, value=arr.ndim)
+    if arr.size:
+        bad = arr < 0 if arr.dtype.kind == "i" else None
+        if hi < (1 << 64):
+            over = arr.astype(np.uint64, copy=False) >= np.uint64(hi) if arr.dtype.kind == "u" else arr >= hi
+            bad = over if bad is None else (bad | over)
+        if bad is not None and bad.any():
+            i = int(np.argmax(bad))
+            v = int(arr[i])
+            msg = f"{name}[{i}]={v:#x} is out of range [0x0, {hi:#x})"
+            raise TdxValueError(msg, name=name, value=v)
+    return np.ascontiguousarray(arr, dtype=np.uint64)

@@ -29,7 +29,7 @@ from tdxcore.constants import (
     SEPT_STATE_BITS,
     PageType,
 )
-from tdxcore.errors import TdxTypeError, TdxValueError, check_int
+from tdxcore.errors import TdxTypeError, TdxValueError, check_int, check_u64_array
 from tdxcore.reference.pamt import Pamt
 from tdxcore.status import (
     OPERAND_ID_R8,
@@ -110,21 +110,7 @@ def _level_size(level: int) -> int:
 
 
 def _array(name: str, x: Any, gfn: bool) -> List[int]:
-    a = np.asarray(x)
-    if a.dtype.kind not in "iu":
-        msg = f"{name} must be an integer array (dtype={a.dtype})"
-        raise TdxTypeError(msg, name=name, value=x)
-    if a.ndim != 1:
-        msg = f"{name} must be 1-D (ndim={a.ndim})"
-        raise TdxValueError(msg, name=name, value=x)
-    vals = [int(v) for v in a]
-    if any(v < 0 for v in vals):
-        msg = f"{name} has a negative value ({min(vals)})"
-        raise TdxValueError(msg, name=name, value=x)
-    if gfn and any(v >= MAX_GFN for v in vals):
-        msg = f"{name} has gfn={max(vals):#x} >= MAX_GFN ({MAX_GFN:#x})"
-        raise TdxValueError(msg, name=name, value=x)
-    return vals
+    return [int(v) for v in check_u64_array(name, x, MAX_GFN if gfn else 1 << 64)]
 
 
 class SeptTree:

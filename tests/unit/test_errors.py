@@ -39,3 +39,22 @@ def test_check_int():
         check_int("gfn", True, 0, 10)
     with pytest.raises(TdxTypeError, match=r"gfn=1.5 must be an int"):
         check_int("gfn", 1.5, 0, 10)
+
+
+def test_check_u64_array():
+    from tdxcore.errors import check_u64_array
+
+    a = check_u64_array("gfns", [1, 2, 3], 10)
+    assert a.dtype == np.uint64 and a.flags["C_CONTIGUOUS"] and list(a) == [1, 2, 3]
+    assert check_u64_array("gfns", np.array([2**64 - 1], dtype=np.uint64))[0] == 2**64 - 1
+    with pytest.raises(TdxTypeError, match=r"gfns must be an integer array \(dtype=float64\)"):
+        check_u64_array("gfns", [1.5])
+    with pytest.raises(TdxTypeError, match=r"dtype=bool"):
+        check_u64_array("gfns", [True])
+    with pytest.raises(TdxValueError, match=r"gfns must be 1-D \(ndim=2\)"):
+        check_u64_array("gfns", np.zeros((2, 2), dtype=np.int64))
+    with pytest.raises(TdxValueError, match=r"gfns\[1\]=-0x1 is out of range \[0x0, 0xa\)"):
+        check_u64_array("gfns", np.array([0, -1]), 10)
+    with pytest.raises(TdxValueError, match=r"gfns\[2\]=0xa is out of range") as ei:
+        check_u64_array("gfns", np.array([0, 9, 10], dtype=np.uint64), 10)
+    assert ei.value.name == "gfns" and ei.value.value == 10

@@ -234,7 +234,7 @@ def test_has_range_and_reserve_bad_input(store):
     (np.array([True]), TdxTypeError, "integer"),
     (np.array(["a"]), TdxTypeError, "integer"),
     (np.zeros((2, 2), dtype=np.uint64), TdxValueError, "1-D"),
-    (np.array([1, -1]), TdxValueError, r"gfns\[1\]=-1"),
+    (np.array([1, -1]), TdxValueError, r"gfns\[1\]=-0x1"),
     (np.array([0, MAX_GFN], dtype=np.uint64), TdxValueError, r"gfns\[1\]"),
 ])
 def test_get_many_bad_input(store, bad, exc, match):
