@@ -84,3 +84,6 @@ __all__ = [
     "TdxLevel",
     "TdxStatus",
 ]
+from tdxcore.invariants import check_invariants, register_invariant  # noqa: E402
+
+__all__ += ["check_invariants", "register_invariant"]

@@ -1060,12 +1060,20 @@ def _testing_mutate(SeptTree tree, name):
 
 
 cdef uint64_t _supply(SeptTree tree, uint64_t n) except? 0xFFFFFFFFFFFFFFFF:
-    """Take the highest n-aligned block of n free frames below the supply cursor."""
+    """Take the highest n-aligned block of n free frames below the supply cursor.
+
+    When the cursor reaches the bottom it wraps to the top once (frames freed since are reused);
+    a whole pass with no free block means the supply is exhausted. The twin uses the same rule.
+    """
     cdef uint64_t nxt = tree._force_next, cand, k
-    cdef bint ok
+    cdef bint ok, wrapped = False
     while True:
         if nxt < n:
-            raise TdxValueError("the test frame supply is exhausted", name="pfn", value=0)
+            if wrapped:
+                raise TdxValueError("the test frame supply is exhausted", name="pfn", value=0)
+            wrapped = True
+            nxt = tree.pamt.nr_frames
+            continue
         cand = (nxt - n) & ~(n - 1)
         ok = True
         for k in range(n):

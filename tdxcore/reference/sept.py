@@ -567,10 +567,14 @@ def _testing_mutate(tree: SeptTree, name: str) -> None:
 
 def _supply(tree: SeptTree, n: int) -> int:
     nxt = tree._force_next
+    wrapped = False
     while True:
         if nxt < n:
-            msg = "the test frame supply is exhausted"
-            raise TdxValueError(msg, name="pfn", value=0)
+            if wrapped:
+                msg = "the test frame supply is exhausted"
+                raise TdxValueError(msg, name="pfn", value=0)
+            wrapped, nxt = True, tree.pamt.nr_frames
+            continue
         cand = (nxt - n) // n * n
         nxt = cand
         if all(tree.pamt.page_type(cand + k) == PageType.PT_NDA for k in range(n)):

@@ -177,3 +177,15 @@ def test_freed_table_takes_its_entry_locks_with_it():
         sept._testing_force_state(tree, 0x200000, 1, 0x00)      # NL_MAPPED, a new child table
         trees.append(tree.entry_try_lock(0x201000, 0, False))
     assert trees == [0, 0]
+
+
+def test_force_supply_reuses_freed_frames():
+    """Regression (slow machine): forcing 2M leaves over and over reuses the frames freed by the
+    previous force instead of running the test supply dry; core and twin pick the same frames."""
+    entries = []
+    for sept, pamt in ((core_sept, core_pamt), (twin_sept, twin_pamt)):
+        tree = sept.SeptTree(4, pamt.Pamt(1 << 14), tdr=1)
+        tree.sept_add_range(0, 1024, np.arange(10, 20))
+        got = [sept._testing_force_state(tree, 0x200000 * 3, 1, 0x60) for _ in range(100)]
+        entries.append(got)
+    assert entries[0] == entries[1]
