@@ -82,6 +82,18 @@ def _enc(x: Any, out: List[bytes]) -> None:
         raise TdxTypeError(msg, name="fields", value=x)
 
 
+def _check_field(x: Any) -> None:
+    """Raise TdxTypeError unless ``x`` is an int, str, None or a tuple of those (recursively)."""
+    if x is None or isinstance(x, (int, str)):
+        return
+    if isinstance(x, tuple):
+        for y in x:
+            _check_field(y)
+        return
+    msg = f"event field {x!r} has type {type(x).__name__}: only int, str, None and tuples are allowed"
+    raise TdxTypeError(msg, name="fields", value=x)
+
+
 def encode_event(event: Event) -> bytes:
     """Return the canonical byte encoding of ``event`` (what the digest hashes).
 
@@ -115,11 +127,12 @@ class EventLog:
     (the module emits under ``TdxModule``'s locks). SPEC §3.5.
     """
 
-    __slots__ = ("_events", "_hash", "_kinds")
+    __slots__ = ("_events", "_hash", "_hashed", "_kinds")
 
     def __init__(self) -> None:
         self._events: List[Event] = []
         self._hash = hashlib.blake2b(digest_size=8, person=b"tdxevents")
+        self._hashed = 0          # events[:_hashed] are folded into _hash (digest() catches up)
         self._kinds: Dict[str, Tuple[Tuple[str, ...], Optional[str]]] = dict(BASE_KINDS)
 
     # ------------------------------------------------------------------ kinds
@@ -203,22 +216,14 @@ class EventLog:
         if not isinstance(actor, str):
             msg = f"actor={actor!r} must be a str"
             raise TdxTypeError(msg, name="actor", value=actor)
-        ev = (kind, actor) + fields
-        # Same bytes as encode_event(ev); flat ints/strs/None inline (the common case), the
-        # rest through _enc. Validates every field before anything changes.
-        out: List[bytes] = [b"t%d:" % len(ev)]
-        for x in ev:
+        # Validate every field before anything changes; hashing is deferred to digest(), which
+        # encodes the same immutable tuples in order (so emit stays cheap on hot paths).
+        for x in fields:
             t = type(x)
-            if t is int:
-                out.append(b"i%d;" % x)
-            elif t is str:
-                b = x.encode("utf-8")
-                out.append(b"s%d:%s" % (len(b), b))
-            elif x is None:
-                out.append(b"n")
-            else:
-                _enc(x, out)
-        self._hash.update(b"".join(out))
+            if t is int or t is str or x is None:
+                continue
+            _check_field(x)
+        ev = (kind, actor) + fields
         self._events.append(ev)
         return len(self._events) - 1
 
@@ -240,7 +245,20 @@ class EventLog:
         return f"EventLog(len={len(self._events)}, digest={self.digest():#018x})"
 
     def digest(self) -> int:
-        """Return the running 64-bit digest of every event so far (stable across processes)."""
+        """Return the running 64-bit digest of every event so far (stable across processes).
+
+        Notes
+        -----
+        Events are folded into the hash lazily, here, in order, with :func:`encode_event`'s bytes;
+        the value is the same as hashing at every ``emit`` (events are immutable tuples).
+        """
+        evs, n = self._events, len(self._events)
+        if self._hashed < n:
+            out: List[bytes] = []
+            for ev in evs[self._hashed:n]:
+                _enc(ev, out)
+            self._hash.update(b"".join(out))
+            self._hashed = n
         return int.from_bytes(self._hash.digest(), "little")
 
     def field(self, event: Event, name: str) -> Any:
