@@ -35,12 +35,13 @@ from tdxcore.constants import (
     VmType,
 )
 from tdxcore.errors import HostError, InvariantViolation, KvmError, TdxError, TdxTypeError, TdxValueError
+from tdxcore.invariants import check_invariants, register_invariant
 from tdxcore.module.host import Host
 from tdxcore.module.td import TdParams
 from tdxcore.module.tdx_module import SeamcallResult
-from tdxcore.storm.scheduler import Scheduler
 from tdxcore.sched import PREEMPT, Wait, WaitOutOfGuest
 from tdxcore.status import Leaf, OpState, SeptState, TdcallLeaf, TdxLevel, TdxStatus
+from tdxcore.storm.scheduler import Scheduler
 
 __version__ = "0.1.0"
 
@@ -83,7 +84,6 @@ __all__ = [
     "TdcallLeaf",
     "TdxLevel",
     "TdxStatus",
+    "check_invariants",
+    "register_invariant",
 ]
-from tdxcore.invariants import check_invariants, register_invariant  # noqa: E402
-
-__all__ += ["check_invariants", "register_invariant"]
