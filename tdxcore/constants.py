@@ -281,3 +281,77 @@ MNG_RD_FIELD_OP_STATE = 4
 MNG_RD_FIELD_TD_EPOCH = 5
 MNG_RD_FIELD_TSC_OFFSET = 10
 MNG_RD_FIELD_TSC_MULTIPLIER = 11
+
+
+# --------------------------------------------------------------------------------------------
+# KVM memory containers: guest_memfd, memslots, fallocate, the ioctl ABI (issue 5 items 2-3).
+# Sources: include/uapi/linux/kvm.h, include/linux/kvm_host.h, arch/x86/include/asm/kvm_host.h,
+# include/uapi/linux/falloc.h, include/uapi/asm-generic/ioctl.h (Linux 6.18). Checked against the
+# running 6.18 kernel by tests/kernel/test_real_kvm.py.
+# --------------------------------------------------------------------------------------------
+
+
+class GmemFlag(enum.IntFlag):
+    """``kvm_create_guest_memfd.flags`` (``GUEST_MEMFD_FLAG_*``, new in 6.18)."""
+
+    MMAP = 1 << 0
+    INIT_SHARED = 1 << 1
+
+
+class FallocFlag(enum.IntFlag):
+    """``fallocate(2)`` mode bits (``FALLOC_FL_*``)."""
+
+    KEEP_SIZE = 0x01
+    PUNCH_HOLE = 0x02
+    NO_HIDE_STALE = 0x04
+    COLLAPSE_RANGE = 0x08
+    ZERO_RANGE = 0x10
+    INSERT_RANGE = 0x20
+    UNSHARE_RANGE = 0x40
+    WRITE_ZEROES = 0x80
+
+
+#: ``KVM_CAP_GUEST_MEMFD_FLAGS``: returns the guest_memfd flags the VM supports (6.18).
+KVM_CAP_GUEST_MEMFD_FLAGS = 244
+#: ``KVM_CAP_READONLY_MEM`` and ``KVM_CAP_MULTI_ADDRESS_SPACE``.
+KVM_CAP_READONLY_MEM = 81
+KVM_CAP_MULTI_ADDRESS_SPACE = 118
+#: x86 ``KVM_MEM_SLOTS_NUM`` (SHRT_MAX) minus ``KVM_INTERNAL_MEM_SLOTS`` (3) = ``KVM_USER_MEM_SLOTS``,
+#: the bound on ``(u16)slot`` and the answer to ``KVM_CAP_NR_MEMSLOTS``.
+KVM_MEM_SLOTS_NUM = 32767
+KVM_USER_MEM_SLOTS = 32764
+#: x86 ``KVM_MAX_NR_ADDRESS_SPACES``: 2 (normal + SMM) only with ``CONFIG_KVM_SMM``; the 6.18
+#: kernel the model is checked against is built without it (``KVM_CAP_MULTI_ADDRESS_SPACE``
+#: answers 0 and ``slot >> 16 == 1`` is EINVAL there), so the model has one address space.
+KVM_MAX_NR_ADDRESS_SPACES = 1
+#: x86-64 ``TASK_SIZE_MAX`` with 4-level paging: ``access_ok`` bound on ``userspace_addr + size``.
+KVM_TASK_SIZE_MAX = (1 << 47) - PAGE_SIZE
+#: ``MAX_LFS_FILESIZE`` on 64-bit (``LLONG_MAX``): ``vfs_fallocate`` returns EFBIG past it.
+KVM_MAX_LFS_FILESIZE = (1 << 63) - 1
+#: Flags the v1 ``KVM_SET_USER_MEMORY_REGION`` accepts (``KVM_SET_USER_MEMORY_REGION_V1_FLAGS``).
+KVM_MEM_V1_FLAGS = (1 << 0) | (1 << 1)
+
+#: ``_IOC`` encoding (asm-generic/ioctl.h): nr bits 0-7, type 8-15, size 16-29, dir 30-31.
+IOC_NONE = 0
+IOC_WRITE = 1
+IOC_READ = 2
+KVMIO = 0xAE
+
+
+class KvmIoctlNr(enum.IntEnum):
+    """``nr`` of the KVM ioctls the model and the real-kernel test use (type ``KVMIO``)."""
+
+    CREATE_VM = 0x01
+    CHECK_EXTENSION = 0x03
+    SET_USER_MEMORY_REGION = 0x46
+    SET_USER_MEMORY_REGION2 = 0x49
+    CREATE_GUEST_MEMFD = 0xD4
+
+
+#: Struct sizes the ioctl numbers encode: ``kvm_userspace_memory_region`` (u32 slot, u32 flags,
+#: u64 guest_phys_addr, u64 memory_size, u64 userspace_addr), ``..._region2`` (+ u64
+#: guest_memfd_offset, u32 guest_memfd, u32 pad1, u64 pad2[14]), ``kvm_create_guest_memfd``
+#: (u64 size, u64 flags, u64 reserved[6]).
+KVM_MEMORY_REGION_SIZE = 32
+KVM_MEMORY_REGION2_SIZE = 160
+KVM_CREATE_GUEST_MEMFD_SIZE = 64

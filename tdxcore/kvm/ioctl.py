@@ -1,0 +1,82 @@
+"""The one boundary where a kernel ``-errno`` becomes :class:`~tdxcore.errors.KvmError` (STYLE §2.3).
+
+Functions in ``kvm/`` that mirror a kernel helper return a :data:`Ret`: ``(0, "")`` on success, or
+``(-errno, check)`` where ``check`` names the rule that failed, in words (``"guest_phys_addr
+0xc0000001 is not page aligned"``). Only :func:`ioctl` and :func:`fd_call` look at it: they drive
+the operation's generator to completion (SPEC §5: the synchronous API runs the same generators
+as the storm), log an ``ioctl`` event, and raise ``KvmError(errno, "<IOCTL>: <check>")`` for a
+negative return. A non-negative return (a new fd, a capability value) is passed through.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from typing import Any, Generator, Tuple
+
+from tdxcore.errors import KvmError
+from tdxcore.sched import run_to_completion
+
+__all__ = ["Ret", "OK", "fail", "ebadf", "ioctl", "fd_call", "IOCTL_EVENT"]
+
+#: ``(ret, check)``: ``ret`` >= 0 is the ioctl's return value, < 0 a kernel ``-errno``.
+Ret = Tuple[int, str]
+#: The plain success.
+OK: Ret = (0, "")
+#: Event kind logged for every ioctl: the ioctl's name, the VM's id (None for a system ioctl) and
+#: the positive errno (0 on success).
+IOCTL_EVENT = ("ioctl", ("name", "vm", "errno"))
+
+
+def fail(err: int, check: str) -> Ret:
+    """Return ``(-err, check)``: the failing rule in upstream's words, as data."""
+    return -err, check
+
+
+def _log(host: Any, name: str, vm_id: Any, err: int) -> None:
+    ev = host.events
+    if IOCTL_EVENT[0] not in ev.kinds:
+        ev.register_kind(*IOCTL_EVENT)
+    ev.emit(IOCTL_EVENT[0], "host", name, vm_id, err)
+
+
+def ioctl(host: Any, name: str, vm_id: Any, op: Generator[Any, Any, Ret]) -> int:
+    """Run ``op`` to completion; return its value, or raise :class:`KvmError` for ``-errno``.
+
+    Parameters
+    ----------
+    host : Host
+        Whose event log records the call.
+    name : str
+        The ioctl's upstream name (``"KVM_SET_USER_MEMORY_REGION2"``), the message prefix.
+    vm_id : int or None
+        The VM the ioctl is issued on.
+    op : generator
+        The operation; it returns a :data:`Ret`.
+
+    Raises
+    ------
+    KvmError
+        ``errno`` is the kernel's, the message ``"<name>: <check>"``.
+    """
+    ret, check = run_to_completion(op, name=name)
+    if ret < 0:
+        _log(host, name, vm_id, -ret)
+        msg = f"{name}: {check}"
+        raise KvmError(-ret, msg)
+    _log(host, name, vm_id, 0)
+    return ret
+
+
+def fd_call(host: Any, name: str, vm_id: Any, ret: Ret) -> int:
+    """Like :func:`ioctl` for a call that is already done (``close``) or not an ioctl (``fallocate``)."""
+    r, check = ret
+    _log(host, name, vm_id, -r if r < 0 else 0)
+    if r < 0:
+        msg = f"{name}: {check}"
+        raise KvmError(-r, msg)
+    return r
+
+
+def ebadf(what: str) -> Ret:
+    """``-EBADF`` for a handle whose fd is closed."""
+    return fail(_errno.EBADF, f"{what} is closed")

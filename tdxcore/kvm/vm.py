@@ -1,0 +1,280 @@
+"""``Vm``: a KVM VM object with upstream lifetime (SPEC §3.2 "Lifetime"; issue 5 item 2).
+
+A VM is referenced by its fd (the handle) and by every guest_memfd created for it (upstream:
+``kvm_get_kvm`` in ``__kvm_gmem_create``, put in ``kvm_gmem_release``); vCPUs add theirs in the TD
+issue. :meth:`Vm.put` of the last reference destroys it (``kvm_destroy_vm``): memslots are freed
+and the VM leaves the host's registry. Memslots hold no reference (upstream: the file pins KVM,
+never the other way round).
+
+Extension: a VM type is a class in ``Kvm.VM_CLASSES`` (DEFAULT and SW_PROTECTED are this class).
+The TD layer registers ``VmType.TDX`` with a subclass in ``kvm/tdx_vm.py`` that overrides
+:meth:`Vm._destroy_vm` (its teardown, then ``super()._destroy_vm()``) and the ``has_*`` properties.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Any, Generator, Optional, Union
+
+from tdxcore.constants import (
+    KVM_MAX_NR_ADDRESS_SPACES,
+    VmType,
+)
+from tdxcore.errors import TdxTypeError, TdxValueError, check_int
+from tdxcore.kvm.gmem import GuestMemfd, kvm_gmem_create
+from tdxcore.kvm.ioctl import Ret, ebadf, fd_call, ioctl
+from tdxcore.kvm.memslot import Memslots, UserMemoryRegion, kvm_set_memory_region
+from tdxcore.sched import KLock
+
+if TYPE_CHECKING:
+    from tdxcore.kvm.kvm import Kvm
+
+__all__ = ["Vm"]
+
+
+def _u(name: str, value: Any, bits: int) -> int:
+    return check_int(name, value, 0, 1 << bits)
+
+
+class Vm:
+    """One VM (made by :meth:`Kvm.create_vm`, never directly).
+
+    Attributes
+    ----------
+    kvm : Kvm
+        The ``/dev/kvm`` it came from (fd table, host).
+    type : VmType
+        The machine type it was created with.
+    id : int
+        A per-``Kvm`` sequence number (events, messages; never ``id()``).
+    fd : int
+        Its number in ``kvm.fds`` (stays readable after close).
+    memslots : Memslots
+        Its memslots (address space 0).
+    slots_lock, lock : KLock
+        ``kvm->slots_lock`` and ``kvm->lock``.
+    """
+
+    def __init__(self, kvm: "Kvm", vm_type: VmType, vm_id: int) -> None:
+        self.kvm = kvm
+        self.type = vm_type
+        self.id = vm_id
+        self.slots_lock = KLock("slots_lock")
+        self.lock = KLock("kvm->lock")
+        self.memslots = Memslots()
+        self._refs = 1  # the fd
+        self._fd_open = True
+        self._destroyed = False
+        self.fd = kvm.fds.install(self)
+        kvm.host.register_vm(self)
+
+    def __repr__(self) -> str:
+        return (f"Vm(id={self.id}, type={self.type.name}, fd={self.fd}, refs={self._refs}, "
+                f"slots={len(self.memslots)}, destroyed={self._destroyed})")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def has_private_mem(self) -> bool:
+        """``kvm_arch_has_private_mem``: SW_PROTECTED and TDX VMs."""
+        return self.type in (VmType.SW_PROTECTED, VmType.TDX)
+
+    @property
+    def has_readonly_mem(self) -> bool:
+        """``kvm_arch_has_readonly_mem``: every VM without protected state (not a TD)."""
+        return self.type != VmType.TDX
+
+    @property
+    def nr_memslot_as_ids(self) -> int:
+        """``kvm_arch_nr_memslot_as_ids``: 1 with private memory, else the build's address spaces."""
+        return 1 if self.has_private_mem else KVM_MAX_NR_ADDRESS_SPACES
+
+    @property
+    def users_count(self) -> int:
+        """References held (``kvm->users_count``): the fd, each open guest_memfd."""
+        return self._refs
+
+    @property
+    def is_destroyed(self) -> bool:
+        """Whether the last reference went and the VM was torn down."""
+        return self._destroyed
+
+    @property
+    def is_closed(self) -> bool:
+        """Whether the VM fd was closed (the VM may live on through its guest_memfds)."""
+        return not self._fd_open
+
+    def state_bytes(self) -> bytes:
+        """Canonical serialization for state hashes (no addresses, no ``hash()``).
+
+        ``<QQqqBB type, id, fd, refs, fd_open, destroyed``, ``<Q`` slot count, then per slot in
+        (as_id, id) order ``<IIQQIQqQB as_id, id, base_gfn, npages, flags, userspace_addr, gmem fd
+        (-1 none), gmem_pgoff, invalid``.
+        """
+        parts = [struct.pack("<QQqqBB", int(self.type), self.id, self.fd, self._refs, self._fd_open,
+                             self._destroyed), struct.pack("<Q", len(self.memslots))]
+        for s in self.memslots:
+            parts.append(struct.pack("<IIQQIQqQB", s.as_id, s.id, s.base_gfn, s.npages, s.flags,
+                                     s.userspace_addr, -1 if s.gmem is None else s.gmem.fd, s.gmem_pgoff,
+                                     s.invalid))
+        return b"".join(parts)
+
+    # ------------------------------------------------------------------ lifetime
+    def get(self) -> None:
+        """Take a reference (``kvm_get_kvm``); only a live VM can be referenced."""
+        if self._destroyed:
+            msg = f"VM {self.id} is destroyed"
+            raise TdxValueError(msg, name="vm", value=self.id)
+        self._refs += 1
+
+    def put(self) -> None:
+        """Drop a reference (``kvm_put_kvm``); the last one destroys the VM."""
+        if self._refs <= 0:
+            msg = f"VM {self.id}: reference count underflow"
+            raise TdxValueError(msg, name="vm", value=self.id)
+        self._refs -= 1
+        if self._refs == 0:
+            self._destroy_vm()
+
+    def _destroy_vm(self) -> None:
+        """``kvm_destroy_vm``: free the memslots, leave the host's registry.
+
+        Every guest_memfd holds a reference, so none is open here and no slot is still bound.
+        A subclass (the TD) runs its teardown first, then calls this.
+        """
+        for slot in list(self.memslots):
+            self.memslots._remove(slot)
+        self.kvm.host.unregister_vm(self)
+        self._destroyed = True
+
+    def close(self) -> None:
+        """``close(vm_fd)``: drop the handle's reference (the VM lives while a guest_memfd is open).
+
+        Raises
+        ------
+        KvmError
+            EBADF if the fd is already closed.
+        """
+        fd_call(self.kvm.host, "close", self.id, self._close_fd())
+
+    def _close_fd(self) -> Ret:
+        if not self._fd_open:
+            return ebadf("VM fd")
+        self._fd_open = False
+        self.kvm.fds.remove(self.fd)
+        self.put()
+        return 0, ""
+
+    # ------------------------------------------------------------------ ioctls
+    def _guard(self, gen: Generator[Any, Any, Ret]) -> Generator[Any, Any, Ret]:
+        if not self._fd_open:
+            gen.close()
+            return ebadf("VM fd")
+        return (yield from gen)
+
+    def check_extension(self, cap: int) -> int:
+        """``KVM_CHECK_EXTENSION`` on the VM fd: what this VM supports (0 = unknown cap)."""
+        c = check_int("cap", cap, -(1 << 63), 1 << 63)
+
+        def op() -> Generator[Any, Any, Ret]:
+            yield from ()
+            return self.kvm._check_extension(self, c), ""
+
+        return ioctl(self.kvm.host, "KVM_CHECK_EXTENSION", self.id, self._guard(op()))
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
+        """``KVM_CREATE_GUEST_MEMFD``: a new guest_memfd of ``size`` bytes.
+
+        Parameters
+        ----------
+        size : int
+            u64 as the struct holds it: a positive (as ``loff_t``) multiple of 4 KiB.
+        flags : int
+            ``GmemFlag`` bits; ``KVM_CAP_GUEST_MEMFD_FLAGS`` says which this VM accepts.
+
+        Returns
+        -------
+        GuestMemfd
+            Open, in ``kvm.fds``; it holds a VM reference until closed.
+
+        Raises
+        ------
+        KvmError
+            EINVAL: unsupported flags (checked first), size 0, negative or unaligned.
+            EBADF: the VM fd is closed.
+        """
+        s = _u("size", size, 64)
+        f = _u("flags", flags, 64)
+        out: list = []
+
+        def op() -> Generator[Any, Any, Ret]:
+            ret, file = yield from kvm_gmem_create(self, s, f)
+            out.append(file)
+            return ret
+
+        ioctl(self.kvm.host, "KVM_CREATE_GUEST_MEMFD", self.id, self._guard(op()))
+        return out[0]
+
+    def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
+                               userspace_addr: int) -> None:
+        """``KVM_SET_USER_MEMORY_REGION`` (v1: no guest_memfd fields; flags LOG_DIRTY_PAGES|READONLY).
+
+        Create (new slot id), move (new ``guest_phys_addr``), change flags, or delete
+        (``memory_size == 0``) a memslot. Errors: see :meth:`set_user_memory_region2`.
+        """
+        mem = UserMemoryRegion(_u("slot", slot, 32), _u("flags", flags, 32),
+                               _u("guest_phys_addr", guest_phys_addr, 64), _u("memory_size", memory_size, 64),
+                               _u("userspace_addr", userspace_addr, 64))
+        ioctl(self.kvm.host, "KVM_SET_USER_MEMORY_REGION", self.id,
+              self._guard(kvm_set_memory_region(self, mem, v1=True)))
+
+    def set_user_memory_region2(self, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
+                                userspace_addr: int, guest_memfd_offset: int = 0,
+                                guest_memfd: Union[GuestMemfd, int] = 0) -> None:
+        """``KVM_SET_USER_MEMORY_REGION2``: create, move, re-flag or delete a memslot.
+
+        Parameters
+        ----------
+        slot : int
+            u32: address space in bits 16+ (only 0 exists), id below ``KVM_USER_MEM_SLOTS``.
+        flags : int
+            ``MemFlag`` bits.
+        guest_phys_addr, memory_size, userspace_addr : int
+            u64, page aligned; ``memory_size == 0`` deletes the slot. ``userspace_addr`` is
+            checked as ``access_ok`` does (never for a mapping).
+        guest_memfd_offset : int
+            u64 byte offset into the file (GUEST_MEMFD only).
+        guest_memfd : GuestMemfd or int
+            The file, or any number from ``kvm.fds`` (u32): a plain memfd, the VM or KVM fd,
+            a closed or unknown number — to express the kernel's EBADF/EINVAL rules.
+
+        Raises
+        ------
+        KvmError
+            EINVAL: bad flags, unaligned address/size/offset, bad slot id, wrap, a missing slot
+            to delete, a change of an existing slot other than a move or LOG_DIRTY_PAGES, a
+            guest_memfd that is not one / of another VM / too small / already bound there.
+            EEXIST: the GPA range overlaps another slot. EBADF: no such open fd.
+
+        Notes
+        -----
+        Order of checks and errnos: ``__kvm_set_memory_region`` and ``kvm_gmem_bind`` (6.18),
+        verified against the real kernel by ``tests/kernel``. SPEC §3.2, §4.11.
+        """
+        mem = UserMemoryRegion(_u("slot", slot, 32), _u("flags", flags, 32),
+                               _u("guest_phys_addr", guest_phys_addr, 64), _u("memory_size", memory_size, 64),
+                               _u("userspace_addr", userspace_addr, 64),
+                               _u("guest_memfd_offset", guest_memfd_offset, 64),
+                               self._resolve_fd(guest_memfd))
+        ioctl(self.kvm.host, "KVM_SET_USER_MEMORY_REGION2", self.id,
+              self._guard(kvm_set_memory_region(self, mem, v1=False)))
+
+    def _resolve_fd(self, fd: Union[GuestMemfd, int]) -> Optional[Any]:
+        """Return what ``fget`` finds: the open object, or None (a closed file or an unknown number)."""
+        if isinstance(fd, GuestMemfd):
+            return None if fd.is_closed else fd
+        if isinstance(fd, bool) or not hasattr(fd, "__index__"):
+            msg = f"guest_memfd={fd!r} must be a GuestMemfd or an int fd (type={type(fd).__name__})"
+            raise TdxTypeError(msg, name="guest_memfd", value=fd)
+        return self.kvm.fds.get(_u("guest_memfd", fd, 32))
+
+
