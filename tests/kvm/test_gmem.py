@@ -21,21 +21,6 @@ KEEP = FallocFlag.KEEP_SIZE
 PUNCH = FallocFlag.PUNCH_HOLE
 
 
-@pytest.fixture
-def host():
-    return Host(packages=1, cpus_per_package=1, memory=8 << 20)
-
-
-@pytest.fixture
-def kvm(host):
-    return Kvm(host)
-
-
-@pytest.fixture
-def vm(kvm):
-    return kvm.create_vm(VmType.DEFAULT)
-
-
 def test_create_basic(vm, kvm):
     g = vm.create_guest_memfd(4 * P)
     assert isinstance(g, GuestMemfd) and g.size == 4 * P and g.flags == 0 and g.nr_pages == 0

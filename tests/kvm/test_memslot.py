@@ -27,21 +27,6 @@ LOG = MemFlag.LOG_DIRTY_PAGES
 
 
 @pytest.fixture
-def host():
-    return Host(packages=1, cpus_per_package=1, memory=8 << 20)
-
-
-@pytest.fixture
-def kvm(host):
-    return Kvm(host)
-
-
-@pytest.fixture
-def vm(kvm):
-    return kvm.create_vm(VmType.DEFAULT)
-
-
-@pytest.fixture
 def hva(host):
     return host.mmap(64 * MiB)
 
