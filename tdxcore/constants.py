@@ -355,3 +355,20 @@ class KvmIoctlNr(enum.IntEnum):
 KVM_MEMORY_REGION_SIZE = 32
 KVM_MEMORY_REGION2_SIZE = 160
 KVM_CREATE_GUEST_MEMFD_SIZE = 64
+
+# --------------------------------------------------------------------------------------------
+# KVM TDX VM lifecycle (kvm/tdx_vm.py, kvm/vcpu.py; issue 5) — appended section
+# --------------------------------------------------------------------------------------------
+#: ``sc_retry``: attempts of a SEAMCALL that keeps returning TDX_RND_NO_ENTROPY (arch/x86 tdx.h).
+TDX_SC_RETRIES = 10
+#: ``KVM_MAX_VCPUS`` on x86 (6.18) and ``KVM_MAX_VCPU_IDS`` (= 4 × KVM_MAX_VCPUS on x86).
+KVM_MAX_VCPUS = 4096
+KVM_MAX_VCPU_IDS = 4 * KVM_MAX_VCPUS
+#: ``MAX_NR_RESERVED_IOAPIC_PINS``: the bound on KVM_CAP_SPLIT_IRQCHIP's args[0].
+MAX_NR_RESERVED_IOAPIC_PINS = 48
+#: ``KVM_EXIT_HYPERCALL_VALID_MASK``: hypercalls userspace may take (only MAP_GPA_RANGE, 12).
+KVM_EXIT_HYPERCALL_VALID_MASK = 1 << 12
+#: ``KVM_SUPPORTED_TD_ATTRS`` (6.18 tdx.c): the one TD attribute KVM offers.
+KVM_TDX_SUPPORTED_ATTRS = 1 << 28
+#: ``struct kvm_tdx_init_vm.reserved`` u64 count (uapi 6.18).
+KVM_TDX_INIT_VM_RESERVED = 12

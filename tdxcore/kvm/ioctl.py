@@ -11,7 +11,7 @@ negative return. A non-negative return (a new fd, a capability value) is passed 
 from __future__ import annotations
 
 import errno as _errno
-from typing import Any, Generator, Tuple
+from typing import Any, Generator, List, Optional, Tuple
 
 from tdxcore.errors import KvmError
 from tdxcore.sched import run_to_completion
@@ -39,7 +39,8 @@ def _log(host: Any, name: str, vm_id: Any, err: int) -> None:
     ev.emit(IOCTL_EVENT[0], "host", name, vm_id, err)
 
 
-def ioctl(host: Any, name: str, vm_id: Any, op: Generator[Any, Any, Ret]) -> int:
+def ioctl(host: Any, name: str, vm_id: Any, op: Generator[Any, Any, Ret],
+          hw_error: Optional[List[int]] = None) -> int:
     """Run ``op`` to completion; return its value, or raise :class:`KvmError` for ``-errno``.
 
     Parameters
@@ -52,6 +53,9 @@ def ioctl(host: Any, name: str, vm_id: Any, op: Generator[Any, Any, Ret]) -> int
         The VM the ioctl is issued on.
     op : generator
         The operation; it returns a :data:`Ret`.
+    hw_error : list of one int, optional
+        ``cmd.hw_error`` of a TDX sub-ioctl: the op stores the module status in ``hw_error[0]``;
+        it is copied into the raised :class:`KvmError` (``.hw_error``).
 
     Raises
     ------
@@ -62,7 +66,7 @@ def ioctl(host: Any, name: str, vm_id: Any, op: Generator[Any, Any, Ret]) -> int
     if ret < 0:
         _log(host, name, vm_id, -ret)
         msg = f"{name}: {check}"
-        raise KvmError(-ret, msg)
+        raise KvmError(-ret, msg, hw_error=hw_error[0] if hw_error else 0)
     _log(host, name, vm_id, 0)
     return ret
 

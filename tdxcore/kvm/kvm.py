@@ -18,7 +18,9 @@ from tdxcore.constants import (
     KVM_CAP_GUEST_MEMFD_FLAGS,
     KVM_CAP_MULTI_ADDRESS_SPACE,
     KVM_CAP_READONLY_MEM,
+    KVM_EXIT_HYPERCALL_VALID_MASK,
     KVM_MAX_NR_ADDRESS_SPACES,
+    KVM_MAX_VCPUS,
     KVM_USER_MEM_SLOTS,
     Cap,
     MemAttr,
@@ -27,6 +29,7 @@ from tdxcore.constants import (
 from tdxcore.errors import TdxTypeError, TdxValueError, check_int
 from tdxcore.kvm.gmem import GuestMemfd, kvm_gmem_get_supported_flags
 from tdxcore.kvm.ioctl import OK, Ret, fail, fd_call, ioctl
+from tdxcore.kvm.vcpu import Vcpu
 from tdxcore.kvm.vm import Vm
 
 __all__ = ["Kvm", "FdTable", "Memfd"]
@@ -101,10 +104,11 @@ class Kvm:
     -----
     ``VM_CLASSES`` maps each VM type the model can create to its class; a type not in it is
     EINVAL from :meth:`create_vm`, as the kernel answers for a type it was not built with
-    (``kvm_is_vm_type_supported``). TDX (type 5) joins with the TD layer (``kvm/tdx_vm.py``).
+    (``kvm_is_vm_type_supported``). TDX (type 5) is registered by ``kvm/tdx_vm.py``.
     """
 
     VM_CLASSES: Dict[int, Type[Vm]] = {int(VmType.DEFAULT): Vm, int(VmType.SW_PROTECTED): Vm}
+    # VmType.TDX is added by tdxcore.kvm.tdx_vm (imported by tdxcore.kvm)
 
     def __init__(self, host: Any) -> None:
         if not hasattr(host, "register_vm") or not hasattr(host, "alloc_frame"):
@@ -130,9 +134,9 @@ class Kvm:
         h.update(struct.pack("<QQ", self._nr_vms, len(self.fds)))
         for fd, f in self.fds.items():
             kind = ("kvm" if f is self else "vm" if isinstance(f, Vm) else
-                    "gmem" if isinstance(f, GuestMemfd) else "memfd")
+                    "gmem" if isinstance(f, GuestMemfd) else "vcpu" if isinstance(f, Vcpu) else "memfd")
             h.update(struct.pack("<q", fd) + kind.encode() + b"\0")
-            if isinstance(f, (Vm, GuestMemfd)):
+            if isinstance(f, (Vm, GuestMemfd, Vcpu)):
                 h.update(f.state_bytes())
         for vm in sorted((v for v in self.host.vms if isinstance(v, Vm) and v.kvm is self and v.is_closed),
                          key=lambda v: v.id):
@@ -146,7 +150,8 @@ class Kvm:
         Raises
         ------
         KvmError
-            EINVAL for a type this model does not build (SEV*, and TDX until the TD layer).
+            EINVAL for a type this model does not build (SEV*); for TDX, the errno of
+            ``host.tdx.enable()`` if the module cannot be brought up (ENODEV, EIO, ...).
         """
         t = check_int("type", type, 0, 1 << 64)
         out: list = []
@@ -156,6 +161,9 @@ class Kvm:
             cls = self.VM_CLASSES.get(t)
             if cls is None:
                 return fail(_errno.EINVAL, f"VM type {t} is not supported")
+            pre = cls._pre_create(self)
+            if pre[0] < 0:
+                return pre
             vm = cls(self, VmType(t), self._nr_vms)
             self._nr_vms += 1
             out.append(vm)
@@ -191,6 +199,12 @@ class Kvm:
             return KVM_MAX_NR_ADDRESS_SPACES if vm is None else vm.nr_memslot_as_ids
         if cap == Cap.MEMORY_ATTRIBUTES:
             return int(MemAttr.PRIVATE) if vm is None or vm.has_private_mem else 0
+        if cap == Cap.SPLIT_IRQCHIP:
+            return 1
+        if cap == Cap.EXIT_HYPERCALL:
+            return KVM_EXIT_HYPERCALL_VALID_MASK
+        if cap == Cap.MAX_VCPUS:
+            return KVM_MAX_VCPUS if vm is None else vm.max_vcpus
         if cap == Cap.VM_TYPES:
             mask = 0
             for t in self.VM_CLASSES:
@@ -223,7 +237,7 @@ class Kvm:
         if f is self:
             msg = f"fd={n} is /dev/kvm: the model's Kvm stays open"
             raise TdxValueError(msg, name="fd", value=n)
-        if isinstance(f, (Vm, GuestMemfd)):
+        if isinstance(f, (Vm, GuestMemfd, Vcpu)):
             f.close()
             return
         ret: Ret = fail(_errno.EBADF, f"fd {n} is not open") if f is None else OK

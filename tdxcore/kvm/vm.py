@@ -13,18 +13,23 @@ The TD layer registers ``VmType.TDX`` with a subclass in ``kvm/tdx_vm.py`` that 
 
 from __future__ import annotations
 
+import errno as _errno
 import struct
 from typing import TYPE_CHECKING, Any, Generator, Optional, Union
 
 from tdxcore.constants import (
+    KVM_EXIT_HYPERCALL_VALID_MASK,
     KVM_MAX_NR_ADDRESS_SPACES,
+    KVM_MAX_VCPUS,
+    MAX_NR_RESERVED_IOAPIC_PINS,
+    Cap,
     VmType,
 )
 from tdxcore.errors import TdxTypeError, TdxValueError, check_int
 from tdxcore.kvm.gmem import GuestMemfd, kvm_gmem_create
-from tdxcore.kvm.ioctl import Ret, ebadf, fd_call, ioctl
+from tdxcore.kvm.ioctl import OK, Ret, ebadf, fail, fd_call, ioctl
 from tdxcore.kvm.memslot import Memslots, UserMemoryRegion, kvm_set_memory_region
-from tdxcore.sched import KLock
+from tdxcore.sched import WRITE, KLock, Wait
 
 if TYPE_CHECKING:
     from tdxcore.kvm.kvm import Kvm
@@ -65,6 +70,13 @@ class Vm:
         self._refs = 1  # the fd
         self._fd_open = True
         self._destroyed = False
+        self._bugged = False
+        self._dead = False
+        self.bug_reason = ""
+        self.split_irqchip_pins: Optional[int] = None  # KVM_CAP_SPLIT_IRQCHIP args[0] once enabled
+        self.hypercall_exit_enabled = 0                 # KVM_CAP_EXIT_HYPERCALL mask
+        self.created_vcpus = 0
+        self.max_vcpus = KVM_MAX_VCPUS                  # kvm->max_vcpus (a TD lowers it)
         self.fd = kvm.fds.install(self)
         kvm.host.register_vm(self)
 
@@ -103,15 +115,42 @@ class Vm:
         """Whether the VM fd was closed (the VM may live on through its guest_memfds)."""
         return not self._fd_open
 
+    @property
+    def is_bugged(self) -> bool:
+        """``kvm->vm_bugged``: a KVM_BUG_ON fired (the VM is also dead)."""
+        return self._bugged
+
+    @property
+    def is_dead(self) -> bool:
+        """``kvm->vm_dead``: every later VM and vCPU ioctl fails EIO (close still works)."""
+        return self._dead
+
+    def bug(self, reason: str) -> None:
+        """``kvm_vm_bugged``: mark the VM bugged and dead (KVM_BUG_ON); the first reason is kept."""
+        if not self._bugged:
+            self.bug_reason = reason
+        self._bugged = True
+        self._dead = True
+
+    @classmethod
+    def _pre_create(cls, kvm: "Kvm") -> Ret:
+        """Check what ``KVM_CREATE_VM`` needs before it builds a VM of this class (``kvm_arch_init_vm``)."""
+        return OK
+
     def state_bytes(self) -> bytes:
         """Canonical serialization for state hashes (no addresses, no ``hash()``).
 
-        ``<QQqqBB type, id, fd, refs, fd_open, destroyed``, ``<Q`` slot count, then per slot in
+        ``<QQqqBB type, id, fd, refs, fd_open, destroyed``, ``<BBqQQ bugged, dead, split irqchip
+        pins (-1 off), hypercall mask, created vCPUs``, ``<Q`` slot count, then per slot in
         (as_id, id) order ``<IIQQIQqQB as_id, id, base_gfn, npages, flags, userspace_addr, gmem fd
         (-1 none), gmem_pgoff, invalid``.
         """
         parts = [struct.pack("<QQqqBB", int(self.type), self.id, self.fd, self._refs, self._fd_open,
-                             self._destroyed), struct.pack("<Q", len(self.memslots))]
+                             self._destroyed),
+                 struct.pack("<BBqQQ", self._bugged, self._dead,
+                             -1 if self.split_irqchip_pins is None else self.split_irqchip_pins,
+                             self.hypercall_exit_enabled, self.created_vcpus),
+                 struct.pack("<Q", len(self.memslots))]
         for s in self.memslots:
             parts.append(struct.pack("<IIQQIQqQB", s.as_id, s.id, s.base_gfn, s.npages, s.flags,
                                      s.userspace_addr, -1 if s.gmem is None else s.gmem.fd, s.gmem_pgoff,
@@ -169,7 +208,64 @@ class Vm:
         if not self._fd_open:
             gen.close()
             return ebadf("VM fd")
+        if self._dead:
+            # kvm_vm_ioctl: a dead VM answers every ioctl -EIO
+            gen.close()
+            return fail(_errno.EIO, f"VM {self.id} is dead ({self.bug_reason or 'killed'})")
         return (yield from gen)
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """``KVM_ENABLE_CAP`` on the VM fd (x86 ``kvm_vm_ioctl_enable_cap``, the caps the model has).
+
+        Parameters
+        ----------
+        cap : int
+            ``Cap.SPLIT_IRQCHIP`` (args[0] = reserved IOAPIC pins, ≤ 48) or
+            ``Cap.EXIT_HYPERCALL`` (args[0] = mask of hypercalls exiting to userspace).
+        args : int
+            ``cap->args`` (u64 each, up to 4; missing ones are 0).
+        flags : int
+            ``cap->flags``: must be 0.
+
+        Raises
+        ------
+        KvmError
+            EINVAL: flags, an unknown cap, pins > 48, vCPUs already created, a mask bit outside
+            ``KVM_EXIT_HYPERCALL_VALID_MASK``. EEXIST: the split irqchip is already enabled.
+        """
+        c = check_int("cap", cap, 0, 1 << 32)
+        if len(args) > 4:
+            msg = f"args={args!r}: kvm_enable_cap has 4 args"
+            raise TdxValueError(msg, name="args", value=args)
+        a = [_u(f"args[{i}]", v, 64) for i, v in enumerate(args)] + [0] * (4 - len(args))
+        f = _u("flags", flags, 32)
+
+        def op() -> Generator[Any, Any, Ret]:
+            yield from ()
+            if f:
+                return fail(_errno.EINVAL, f"cap flags {f:#x} must be 0")
+            if c == Cap.SPLIT_IRQCHIP:
+                owner = yield Wait(self.lock, WRITE)
+                try:
+                    if a[0] > MAX_NR_RESERVED_IOAPIC_PINS:
+                        return fail(_errno.EINVAL, f"args[0]={a[0]} > MAX_NR_RESERVED_IOAPIC_PINS")
+                    if self.split_irqchip_pins is not None:
+                        return fail(_errno.EEXIST, "an irqchip is already in the kernel")
+                    if self.created_vcpus:
+                        return fail(_errno.EINVAL, "vCPUs were already created")
+                    self.split_irqchip_pins = a[0]
+                    return OK
+                finally:
+                    self.lock.release(owner, WRITE)
+            if c == Cap.EXIT_HYPERCALL:
+                if a[0] & ~KVM_EXIT_HYPERCALL_VALID_MASK:
+                    return fail(_errno.EINVAL, f"args[0]={a[0]:#x} has bits outside "
+                                f"KVM_EXIT_HYPERCALL_VALID_MASK ({KVM_EXIT_HYPERCALL_VALID_MASK:#x})")
+                self.hypercall_exit_enabled = a[0]
+                return OK
+            return fail(_errno.EINVAL, f"cap {c} cannot be enabled on this VM")
+
+        ioctl(self.kvm.host, "KVM_ENABLE_CAP", self.id, self._guard(op()))
 
     def check_extension(self, cap: int) -> int:
         """``KVM_CHECK_EXTENSION`` on the VM fd: what this VM supports (0 = unknown cap)."""
