@@ -372,3 +372,13 @@ KVM_EXIT_HYPERCALL_VALID_MASK = 1 << 12
 KVM_TDX_SUPPORTED_ATTRS = 1 << 28
 #: ``struct kvm_tdx_init_vm.reserved`` u64 count (uapi 6.18).
 KVM_TDX_INIT_VM_RESERVED = 12
+
+# --------------------------------------------------------------------------------------------
+# KVM TDP-MMU mirror, INIT_MEM_REGION and the 6.18 zap path (kvm/mmu.py, kvm/tdx_mmu.py) — appended
+# --------------------------------------------------------------------------------------------
+#: KVM's ``PG_LEVEL_4K``: ``pg_level`` numbering inside ``kvm/`` only (module level = pg_level - 1).
+PG_LEVEL_4K = 1
+#: ``TDX_EXTENDMR_CHUNKSIZE``: bytes one TDH.MR.EXTEND measures (16 per 4K page).
+TDX_EXTENDMR_CHUNKSIZE = 256
+#: ``KVM_TDX_MEASURE_MEMORY_REGION``: the only ``cmd.flags`` bit of KVM_TDX_INIT_MEM_REGION.
+KVM_TDX_MEASURE_MEMORY_REGION = 1 << 0

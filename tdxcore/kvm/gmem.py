@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Dict, Generator, List, Optional, Tuple
 from tdxcore.constants import KVM_MAX_LFS_FILESIZE, PAGE_SHIFT, PAGE_SIZE, FallocFlag, GmemFlag
 from tdxcore.errors import HostError, TdxTypeError, TdxValueError, check_int
 from tdxcore.kvm.ioctl import OK, Ret, ebadf, fail, fd_call, ioctl
-from tdxcore.sched import READ, WRITE, KLock, Wait
+from tdxcore.sched import READ, WRITE, KLock, Wait, run_to_completion
 
 if TYPE_CHECKING:
     from tdxcore.kvm.memslot import Memslot
@@ -182,7 +182,7 @@ class GuestMemfd:
         if mode & _PUNCH:
             owner = yield Wait(self.invalidate_lock, WRITE)
             try:
-                self._punch_hole_locked(offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT)
+                yield from self._punch_hole_locked(offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT)
             finally:
                 self.invalidate_lock.release(owner, WRITE)
             return OK
@@ -229,20 +229,25 @@ class GuestMemfd:
         host.frame_clear(pfn)  # the kernel hands out zeroed folios
         return pfn
 
-    def _punch_hole_locked(self, start: int, end: int) -> None:
+    def _punch_hole_locked(self, start: int, end: int) -> Generator[Any, Any, None]:
         """Drop the frames of ``[start, end)`` (caller holds ``invalidate_lock`` for write).
 
-        The pages are sparse in a dict, so a punch of a huge range walks the backed pages only.
-        The MMU layer adds upstream's ``kvm_gmem_invalidate_begin/end`` over the bound slots
-        around this (``kvm_gmem_punch_hole``, 6.18).
+        First the VM unmaps them from the guest (:meth:`Vm.kvm_gmem_invalidate`, upstream's
+        ``kvm_gmem_invalidate_begin`` over the bound slots in ``kvm_gmem_punch_hole`` /
+        ``kvm_gmem_release``, 6.18); a page it reports as still pinned (its zap failed) leaves
+        the file but is never freed: the VM has recorded it as leaked. The pages are sparse in a
+        dict, so a punch of a huge range walks the backed pages only.
         """
         end = min(end, self.size >> PAGE_SHIFT)
+        pinned = yield from self.vm.kvm_gmem_invalidate(self, start, end)
         if end - start > len(self._pages):
             victims = sorted(i for i in self._pages if start <= i < end)
         else:
             victims = [i for i in range(start, end) if i in self._pages]
         for index in victims:
-            self.vm.kvm.host.free_frame(self._pages.pop(index))
+            pfn = self._pages.pop(index)
+            if index not in pinned:
+                self.vm.kvm.host.free_frame(pfn)
 
     # ------------------------------------------------------------------ host mapping
     def _check_mapping(self, offset: int, size: int) -> Tuple[int, int]:
@@ -334,9 +339,10 @@ class GuestMemfd:
         stays; deleting it later is fine), the pages go back to the host, and the VM reference
         taken at creation is put — the last one destroys the VM.
         """
-        fd_call(self.vm.kvm.host, "close", self.vm.id, self._release())
+        fd_call(self.vm.kvm.host, "close", self.vm.id,
+                run_to_completion(self._release(), name="kvm_gmem_release"))
 
-    def _release(self) -> Ret:
+    def _release(self) -> Generator[Any, Any, Ret]:
         if self._closed:
             return ebadf("guest_memfd")
         self._closed = True
@@ -344,6 +350,6 @@ class GuestMemfd:
         for _, _, slot in self._bindings:
             slot.gmem = None
         self._bindings = []
-        self._punch_hole_locked(0, self.size >> PAGE_SHIFT)
+        yield from self._punch_hole_locked(0, self.size >> PAGE_SHIFT)
         self.vm.put()
         return OK

@@ -26,7 +26,7 @@ import errno as _errno
 import struct
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Generator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Generator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from tdxcore.constants import (
     KVM_MAX_CPUID_ENTRIES,
@@ -37,22 +37,28 @@ from tdxcore.constants import (
     MNG_RD_FIELD_TSC_MULTIPLIER,
     MNG_RD_FIELD_TSC_OFFSET,
     PAGE_SHIFT,
+    PAGE_SIZE,
     TD_MAX_VCPUS_LIMIT,
     TD_XFAM_FIXED1,
     TD_XFAM_SUPPORTED,
     TDCS_NR_PAGES,
     TDVPS_NR_PAGES,
+    TDX_EXTENDMR_CHUNKSIZE,
     TDX_SC_RETRIES,
     TDX_SEAMCALL_RETRIES,
+    MemFlag,
     VmType,
 )
 from tdxcore.errors import HostError, TdxTypeError, TdxValueError, check_int
+from tdxcore.kvm.gmem import GuestMemfd
 from tdxcore.kvm.ioctl import OK, Ret, fail, ioctl
 from tdxcore.kvm.kvm import Kvm
+from tdxcore.kvm.mmu import MirrorMmu
+from tdxcore.kvm.tdx_mmu import TdxMirrorOps
 from tdxcore.kvm.vcpu import Vcpu, VcpuTdState
 from tdxcore.kvm.vm import Vm
 from tdxcore.module.td import TdParams
-from tdxcore.sched import WRITE, KLock, Wait
+from tdxcore.sched import PREEMPT, WRITE, KLock, Wait, run_to_completion
 from tdxcore.status import (  # type: ignore[attr-defined]
     TDX_FLUSHVP_NOT_DONE,
     TDX_INTERRUPTED_RESUMABLE,
@@ -182,7 +188,11 @@ class TdxVm(Vm):
     vcpus : list of Vcpu
         Created vCPUs, in creation order.
     nr_premapped : int
-        Pages mapped but not yet PAGE.ADDed (FINALIZE needs 0; the memory slice moves it).
+        Pages mapped in the mirror but not yet PAGE.ADDed (6.18; FINALIZE needs 0).
+    mmu : MirrorMmu
+        The mirror root (KVM's view of the private mappings; ``kvm/mmu.py``).
+    wait_for_sept_zap : bool
+        ``kvm_tdx->wait_for_sept_zap``: set while a zap retries after BUSY (no TD entry then).
     last_hw_error : int
         ``cmd.hw_error`` of the last TDX sub-ioctl (the module status it reported, or 0).
     """
@@ -197,6 +207,9 @@ class TdxVm(Vm):
         self.tdcs: List[int] = []
         self.vcpus: List[Vcpu] = []
         self.nr_premapped = 0
+        self.wait_for_sept_zap = False
+        self.mmu = MirrorMmu(4, TdxMirrorOps(self))
+        self._gmem_prepared: Set[Tuple[int, int]] = set()   # (gmem fd, index) populated ("prepared")
         self.pre_fault_allowed = False
         self.attributes = 0
         self.xfam = 0
@@ -231,9 +244,10 @@ class TdxVm(Vm):
         """Serialize canonically: the base VM's bytes, then the TD.
 
         ``<BqqHQQQ`` TD state, hkid (-1), tdr (-1), TDCS count, premapped, attributes, xfam;
-        ``<Q`` each TDCS; ``<H`` vCPUs and each vCPU's
-        ``state_bytes``; ``<H`` leaks and per leak ``<qqqq`` pfn, page_type, hkid (-1 none), event
-        and the ``what`` bytes + NUL.
+        ``<Q`` each TDCS; ``<H`` vCPUs and each vCPU's ``state_bytes``; the mirror's
+        ``state_bytes``; ``<Q`` populated gmem pages then ``<qq`` (fd, index) each, ascending;
+        ``<H`` leaks and per leak ``<qqqq`` pfn, page_type, hkid (-1 none),
+        event and the ``what`` bytes + NUL.
         """
         parts = [super().state_bytes(),
                  struct.pack(f"<BqqHQQQ{len(self.tdcs)}Q", int(self.td_state),
@@ -241,6 +255,10 @@ class TdxVm(Vm):
                              len(self.tdcs), self.nr_premapped, self.attributes, self.xfam, *self.tdcs),
                  struct.pack("<H", len(self.vcpus))]
         parts += [v.state_bytes() for v in self.vcpus]
+        parts.append(self.mmu.state_bytes())
+        prepared = sorted(self._gmem_prepared)
+        parts.append(struct.pack(f"<Q{2 * len(prepared)}q", len(prepared),
+                                 *(x for fi in prepared for x in fi)))
         parts.append(struct.pack("<H", len(self._leaks)))
         for lk in self._leaks:
             parts.append(struct.pack("<qqqq", -1 if lk.pfn is None else lk.pfn,
@@ -395,6 +413,7 @@ class TdxVm(Vm):
                 if ret[0] < 0:
                     return ret
                 self.attributes, self.xfam, self.gpaw, self.cpuid = a, x | TD_XFAM_FIXED1, g, ents
+                self.mmu.root_level = params.eptp_levels
                 self.td_state = TdState.INITIALIZED
                 return OK
             finally:
@@ -754,21 +773,109 @@ class TdxVm(Vm):
         host.free_frame(tdr)
 
     def _destroy_vm(self) -> None:
-        """Destroy a TD (``kvm_destroy_vm``).
+        """Destroy a TD (``kvm_destroy_vm``, 6.18 order; tdx-facts §5.7, linux-6.18.md §7).
 
-        Release the HKID, free vCPUs, reclaim control pages, then the generic part; the TD state
-        goes back to UNINITIALIZED (``tdx_vm_destroy``).
+        Zap every private leaf still in the mirror while the HKID is assigned (normally none:
+        closing each guest_memfd zapped its pages), release the HKID, free vCPUs, free the
+        mirror's S-EPT pages (``free_external_spt``: RECLAIM + clear, or leak), reclaim the
+        control pages, then the generic part; the TD state goes back to UNINITIALIZED.
         """
-        from tdxcore.sched import run_to_completion
-
+        if self.mmu.leaves:
+            run_to_completion(self.mmu.zap_all_private_leaves(), name="kvm_mmu_zap_private")
         run_to_completion(self._mmu_release_hkid(), name="tdx_mmu_release_hkid")
         for v in self.vcpus:
             self._vcpu_free(v)
+        self.mmu.free_all_spt()
         self._reclaim_td_control_pages()
         # an HKID still assigned was recorded as leaked: KVM never gives it back
         self.hkid = None
         self.td_state = TdState.UNINITIALIZED
         super()._destroy_vm()
+
+    # ------------------------------------------------------------------ guest_memfd + initial memory
+    def kvm_gmem_invalidate(self, gmem: GuestMemfd, start: int,
+                            end: int) -> Generator[Any, Any, frozenset]:
+        """Zap the mirror leaves mapping pages ``[start, end)`` of ``gmem`` (HKID still assigned).
+
+        BLOCK → TRACK + kick → REMOVE → WBINVD per page (:mod:`tdxcore.kvm.tdx_mmu`), as 6.18's
+        ``kvm_gmem_release`` / ``kvm_gmem_punch_hole`` do before the pages go back to the host;
+        returns the indices whose zap failed, which stay pinned (leaked, never freed).
+        """
+        pages = gmem._pages
+        by_pfn = {p: g for g, p in self.mmu.leaves}
+        pinned = set()
+        for index in sorted(i for i in pages if start <= i < end):
+            self._gmem_prepared.discard((gmem.fd, index))
+            gfn = by_pfn.get(pages[index])
+            if gfn is None:
+                continue
+            ret = yield from self.mmu.zap_private_leaf(gfn)
+            if ret:
+                pinned.add(index)
+        return frozenset(pinned)
+
+    def _gmem_populate_one(self, gfn: int, data: bytes, measure: bool) -> Generator[Any, Any, Ret]:
+        """``kvm_gmem_populate`` of one page with ``tdx_gmem_post_populate`` (6.18).
+
+        The gfn's memslot must have a guest_memfd (EINVAL), still open (EFAULT); a page already
+        populated → EEXIST. Then map it in the mirror (SEPT.ADD for missing levels, then
+        ``nr_premapped += 1``; -EBUSY retries as ``kvm_tdp_map_page`` does), PAGE.ADD from a
+        bounce page holding ``data`` (BUSY → EBUSY, else EIO; success → ``nr_premapped -= 1``),
+        and with ``measure`` 16 × MR.EXTEND (failure → EIO). The PRIVATE memory attribute is not
+        checked yet: the VM has no attribute store until the memory issue.
+        """
+        host = self.kvm.host
+        t = host.tdx
+        slot = self.memslots.gfn_to_memslot(gfn)
+        if slot is None or not slot.flags & MemFlag.GUEST_MEMFD:
+            return fail(_errno.EINVAL, f"gfn {gfn:#x} is not in a guest_memfd memslot")
+        f = slot.gmem
+        if f is None:
+            return fail(_errno.EFAULT, f"the guest_memfd of slot {slot.id} is closed")
+        index = slot.gmem_pgoff + gfn - slot.base_gfn
+        owner = yield Wait(f.invalidate_lock, WRITE)
+        try:
+            if (f.fd, index) in self._gmem_prepared:
+                return fail(_errno.EEXIST, f"gfn {gfn:#x} is already populated")
+            pfn = f.pfn_of(index)
+            if pfn is None:
+                ret = f._allocate_locked(index, index + 1)
+                if ret[0] < 0:
+                    return ret
+                pfn = f.pfn_of(index)
+                assert pfn is not None
+            while True:
+                r = yield from self.mmu.map_private(gfn, pfn)
+                if r != -_errno.EBUSY:
+                    break
+                yield PREEMPT                # kvm_tdp_map_page: RET_PF_RETRY → try again
+            if r < 0:
+                return fail(-r, f"kvm_tdp_map_page gfn {gfn:#x}")
+            assert self.tdr is not None
+            gpa = gfn << PAGE_SHIFT
+            try:
+                src = host.alloc_frame()
+            except HostError as e:
+                return _host_fail(e, f"source page: {e}")
+            try:
+                host.frame_write(src, 0, data, 0)
+                res = t.tdh_mem_page_add(self.tdr, gpa, pfn, src)
+            finally:
+                host.free_frame(src)
+            if res.status != TDX_SUCCESS:
+                if res.status.base == TDX_OPERAND_BUSY:
+                    return fail(_errno.EBUSY, f"TDH.MEM.PAGE.ADD gpa {gpa:#x}: {res.status.name}")
+                return fail(_errno.EIO, f"TDH.MEM.PAGE.ADD gpa {gpa:#x}: {res.status.name}")
+            self.nr_premapped -= 1
+            if measure:
+                for off in range(0, PAGE_SIZE, TDX_EXTENDMR_CHUNKSIZE):
+                    res = t.tdh_mr_extend(self.tdr, gpa + off)
+                    if res.status != TDX_SUCCESS:
+                        return fail(_errno.EIO, f"TDH.MR.EXTEND gpa {gpa + off:#x}: {res.status.name}")
+            self._gmem_prepared.add((f.fd, index))
+            return OK
+        finally:
+            f.invalidate_lock.release(owner, WRITE)
 
 
 Kvm.VM_CLASSES[int(VmType.TDX)] = TdxVm

@@ -174,6 +174,22 @@ class Vm:
         if self._refs == 0:
             self._destroy_vm()
 
+    def kvm_gmem_invalidate(self, gmem: GuestMemfd, start: int,
+                            end: int) -> Generator[Any, Any, frozenset]:
+        """Unmap pages ``[start, end)`` of ``gmem`` from the guest before the file drops them.
+
+        Returns the page indices that must stay pinned (their unmap failed, so the VM keeps them
+        leaked rather than let the host reuse them). A VM without private mappings has nothing
+        to unmap; the TD overrides this with the S-EPT zap.
+
+        Notes
+        -----
+        ``kvm_gmem_invalidate_begin()`` in ``virt/kvm/guest_memfd.c`` (6.18), called by
+        ``kvm_gmem_punch_hole()`` and ``kvm_gmem_release()`` under the file's invalidate lock.
+        """
+        return frozenset()
+        yield  # a generator: a subclass's unmap may wait (kicks, mmu_lock)
+
     def _destroy_vm(self) -> None:
         """``kvm_destroy_vm``: free the memslots, leave the host's registry.
 

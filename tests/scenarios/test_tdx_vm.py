@@ -1,7 +1,8 @@
 """Scenarios A20–A23 (anchors §2.4) for the TD control-structure lifecycle, without private memory.
 
 Modelled on the upstream selftest ``tools/testing/selftests/kvm/x86/tdx_vm_test`` (TD creation,
-vCPU init, finalize, teardown); INIT_MEM_REGION and KVM_RUN join with the memory slice.
+vCPU init, finalize, teardown); KVM_RUN joins with the memory slice. The last scenario adds
+initial memory (guest_memfd + INIT_MEM_REGION) and checks the zap and S-EPT reclaim of teardown.
 """
 
 from __future__ import annotations
@@ -162,4 +163,53 @@ def test_a23_teardown(leak):
         assert vm.leaks == () and host.keyids.allocated == ()
         assert host.pamt.child_count(tdr) == 0 and host.tdx.tds == {}
     assert host.free_frames + len(pages) == free0
+    check_invariants(host)
+
+
+def test_td_with_initial_memory_build_finalize_destroy_exact():
+    """A TD with measured initial memory (memslot + guest_memfd + INIT_MEM_REGION), finalized and
+    destroyed: exact SEAMCALL order of populate, zap (at guest_memfd release, HKID assigned) and
+    reclaim (after HKID release), no leaks, every frame back."""
+    from tdxcore.constants import MemFlag
+
+    npages, nvcpu = 4, 2
+    host = _host()
+    kvm, vm = _td(host)
+    free0 = host.free_frames
+    vm.init_vm(gpaw=48)
+    gmem = vm.create_guest_memfd(size=2 << 20)
+    vm.set_user_memory_region2(slot=0, flags=MemFlag.GUEST_MEMFD, guest_phys_addr=4 << 30,
+                               memory_size=2 << 20, userspace_addr=host.mmap(2 << 20), guest_memfd=gmem)
+    vcpus = [vm.create_vcpu(i) for i in range(nvcpu)]
+    for v in vcpus:
+        v.init_vcpu()
+    n0 = len(host.events)
+    vcpus[0].init_mem_region(source=bytes(range(256)) * 16 * npages, gpa=4 << 30, nr_pages=npages,
+                             measure=True)
+    page = [Leaf.TDH_MEM_PAGE_ADD] + [Leaf.TDH_MR_EXTEND] * 16
+    assert _leaves(host, n0) == [Leaf.TDH_MEM_SEPT_ADD] * 3 + page * npages
+    assert vm.nr_premapped == 0
+    vm.finalize_vm()
+    assert vm.td_state == TdState.RUNNABLE
+    check_invariants(host)
+    n1 = len(host.events)
+    stats0 = host.stats.as_dict()
+    for v in vcpus:
+        v.close()
+    gmem.close()
+    vm.close()
+    order = _leaves(host, n1)
+    zap = [Leaf.TDH_MEM_RANGE_BLOCK, Leaf.TDH_MEM_TRACK, Leaf.TDH_MEM_PAGE_REMOVE,
+           Leaf.TDH_PHYMEM_PAGE_WBINVD]
+    reclaim_vcpus = TDVPS_NR_PAGES * nvcpu
+    assert order == (zap * npages
+                     + [Leaf.TDH_MNG_VPFLUSHDONE] + [Leaf.TDH_PHYMEM_CACHE_WB] * host.nr_packages
+                     + [Leaf.TDH_MNG_KEY_FREEID]
+                     + [Leaf.TDH_PHYMEM_PAGE_RECLAIM] * (reclaim_vcpus + 3 + TDCS_NR_PAGES + 1)
+                     + [Leaf.TDH_PHYMEM_PAGE_WBINVD])
+    st = host.stats.as_dict()
+    assert st.get("nr_kicks", 0) - stats0.get("nr_kicks", 0) == npages
+    assert st.get("nr_zap_busy_retries", 0) == stats0.get("nr_zap_busy_retries", 0)
+    assert vm.is_destroyed and vm.leaks == () and host.leaks == ()
+    assert host.free_frames == free0 and host.keyids.allocated == ()
     check_invariants(host)

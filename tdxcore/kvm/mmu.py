@@ -1,0 +1,213 @@
+"""The TDP-MMU mirror root of a TD: KVM's view of its private mappings (SPEC §2, §4.1; issue 5).
+
+The mirror is what KVM *asked* the module to map, not the S-EPT itself (that lives in the module's
+``SeptTree``). Each present non-leaf mirror SPTE has an "external" page (``sp->external_spt``) that
+was donated to the module with TDH.MEM.SEPT.ADD; each present leaf records the pfn it maps. A SPTE
+being changed is FROZEN (``FROZEN_SPTE``) for the duration of the hook call, so a concurrent map of
+the same gfn sees -EBUSY and retries, as ``tdp_mmu.c`` does.
+
+Levels here are KVM's ``pg_level`` (1 = 4K); the conversion to the module's ``level`` happens only
+in ``kvm/tdx_mmu.py`` (STYLE §2.2). The hooks are the four ``kvm_x86_ops`` mirror hooks of 6.18
+(``link_external_spt``, ``set_external_spte``, ``remove_external_spte``, ``free_external_spt``),
+given as a :class:`MirrorOps` object.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno as _errno
+import struct
+from typing import Any, Dict, Generator, List, Optional, Protocol, Tuple
+
+from tdxcore.constants import PG_LEVEL_4K
+from tdxcore.errors import HostError
+from tdxcore.sched import READ, WRITE, KLock, Wait
+
+__all__ = ["SpteState", "MirrorOps", "MirrorMmu", "gfn_round_for_level"]
+
+#: Entries per page-table page (9 index bits per level).
+_PT_SHIFT = 9
+
+
+class SpteState(enum.IntEnum):
+    """State of a mirror SPTE that is not non-present."""
+
+    PRESENT = 1
+    FROZEN = 2       #: ``FROZEN_SPTE``: a hook call on it is in progress
+
+
+def gfn_round_for_level(gfn: int, pg_level: int) -> int:
+    """``gfn_round_for_level``: the first gfn a SPTE at ``pg_level`` covers."""
+    return gfn & ~((1 << (_PT_SHIFT * (pg_level - PG_LEVEL_4K))) - 1)
+
+
+class MirrorOps(Protocol):
+    """The mirror hooks (``kvm_x86_ops``) plus the page allocator for external page tables."""
+
+    def link_external_spt(self, gfn: int, pg_level: int, spt: int) -> int: ...  # noqa: D102
+    def set_external_spte(self, gfn: int, pg_level: int, pfn: int) -> int: ...  # noqa: D102
+    def remove_external_spte(self, gfn: int, pg_level: int,  # noqa: D102
+                             pfn: int) -> Generator[Any, Any, int]: ...
+    def free_external_spt(self, gfn: int, pg_level: int, spt: int) -> int: ...  # noqa: D102
+    def alloc_spt(self) -> int: ...  # noqa: D102
+    def free_spt(self, spt: int) -> None: ...  # noqa: D102
+
+
+class MirrorMmu:
+    """A TD's mirror root (one per VM).
+
+    Parameters
+    ----------
+    root_level : int
+        ``pg_level`` of the root (4 for a 4-level EPT, GPAW 48; 5 for GPAW 52).
+    ops : MirrorOps
+        The hooks.
+
+    Attributes
+    ----------
+    mmu_lock : KLock
+        ``kvm->mmu_lock``: READ to map, WRITE to zap.
+    """
+
+    def __init__(self, root_level: int, ops: MirrorOps) -> None:
+        self.root_level = root_level
+        self.ops = ops
+        self.mmu_lock = KLock("mmu_lock")
+        # (pg_level of the SPTE, first gfn it covers) -> (external page, state)
+        self._nonleaf: Dict[Tuple[int, int], Tuple[int, SpteState]] = {}
+        # gfn -> (pfn, state) for 4K leaves
+        self._leaves: Dict[int, Tuple[int, SpteState]] = {}
+
+    # ------------------------------------------------------------------ views
+    def leaf(self, gfn: int) -> Optional[Tuple[int, SpteState]]:
+        """``(pfn, state)`` of the leaf SPTE at ``gfn``, or None (non-present)."""
+        return self._leaves.get(gfn)
+
+    @property
+    def leaves(self) -> Tuple[Tuple[int, int], ...]:
+        """``(gfn, pfn)`` of every present leaf, ascending."""
+        return tuple(sorted((g, p) for g, (p, s) in self._leaves.items() if s == SpteState.PRESENT))
+
+    @property
+    def nonleaf(self) -> Tuple[Tuple[int, int, int], ...]:
+        """``(pg_level, gfn, spt)`` of every present non-leaf SPTE, root level first."""
+        return tuple(sorted(((lv, g, p) for (lv, g), (p, s) in self._nonleaf.items()
+                             if s == SpteState.PRESENT), key=lambda t: (-t[0], t[1])))
+
+    def gfn_of_pfn(self, pfn: int) -> Optional[int]:
+        """Return the gfn whose leaf maps ``pfn`` (None if none)."""
+        for g, (p, _) in self._leaves.items():
+            if p == pfn:
+                return g
+        return None
+
+    def state_bytes(self) -> bytes:
+        """Serialize canonically for state hashes.
+
+        ``<BQQ`` root level, non-leaf count, leaf count; ``<BQQB`` each non-leaf (level, gfn, spt,
+        state) and ``<QQB`` each leaf (gfn, pfn, state), ascending.
+        """
+        parts = [struct.pack("<BQQ", self.root_level, len(self._nonleaf), len(self._leaves))]
+        parts += [struct.pack("<BQQB", lv, g, p, s) for (lv, g), (p, s) in sorted(self._nonleaf.items())]
+        parts += [struct.pack("<QQB", g, p, s) for g, (p, s) in sorted(self._leaves.items())]
+        return b"".join(parts)
+
+    # ------------------------------------------------------------------ map
+    def map_private(self, gfn: int, pfn: int) -> Generator[Any, Any, int]:
+        """``kvm_tdp_map_page`` for a private gfn: link missing levels, then set the 4K leaf.
+
+        Takes ``mmu_lock`` for read. Each missing non-leaf SPTE (root level down to 2) gets a new
+        external page and the link hook (SEPT.ADD); then the leaf gets the set hook. A SPTE is
+        FROZEN during its hook; on a hook failure the old (non-present) value is restored and
+        the external page goes back to the host.
+
+        Returns
+        -------
+        int
+            0 (mapped, or already mapping ``pfn``), -EBUSY (a frozen SPTE or BUSY from the module:
+            the caller retries), -EEXIST (mapped to another pfn), -ENOMEM, -EIO (KVM_BUG).
+        """
+        owner = yield Wait(self.mmu_lock, READ)
+        try:
+            return self._map_private_locked(gfn, pfn)
+        finally:
+            self.mmu_lock.release(owner, READ)
+
+    def _map_private_locked(self, gfn: int, pfn: int) -> int:
+        for lv in range(self.root_level, PG_LEVEL_4K, -1):
+            key = (lv, gfn_round_for_level(gfn, lv))
+            cur = self._nonleaf.get(key)
+            if cur is not None:
+                if cur[1] == SpteState.FROZEN:
+                    return -_errno.EBUSY
+                continue
+            try:
+                spt = self.ops.alloc_spt()
+            except HostError:
+                return -_errno.ENOMEM
+            self._nonleaf[key] = (spt, SpteState.FROZEN)
+            ret = self.ops.link_external_spt(key[1], lv, spt)
+            if ret:
+                del self._nonleaf[key]
+                self.ops.free_spt(spt)
+                return ret
+            self._nonleaf[key] = (spt, SpteState.PRESENT)
+        cur = self._leaves.get(gfn)
+        if cur is not None:
+            if cur[1] == SpteState.FROZEN:
+                return -_errno.EBUSY
+            return 0 if cur[0] == pfn else -_errno.EEXIST
+        self._leaves[gfn] = (pfn, SpteState.FROZEN)
+        ret = self.ops.set_external_spte(gfn, PG_LEVEL_4K, pfn)
+        if ret:
+            del self._leaves[gfn]
+            return ret
+        self._leaves[gfn] = (pfn, SpteState.PRESENT)
+        return 0
+
+    # ------------------------------------------------------------------ zap
+    def zap_private_leaf(self, gfn: int) -> Generator[Any, Any, int]:
+        """Zap the leaf at ``gfn`` (``mmu_lock`` write; non-present: 0).
+
+        The mirror SPTE becomes non-present whatever the hook returns (``tdp_mmu.c`` clears it
+        first); a hook failure has already been turned into a KVM_BUG and a leak by the hook.
+        """
+        owner = yield Wait(self.mmu_lock, WRITE)
+        try:
+            return (yield from self._zap_private_leaf_locked(gfn))
+        finally:
+            self.mmu_lock.release(owner, WRITE)
+
+    def _zap_private_leaf_locked(self, gfn: int) -> Generator[Any, Any, int]:
+        cur = self._leaves.get(gfn)
+        if cur is None or cur[1] != SpteState.PRESENT:
+            return 0
+        self._leaves[gfn] = (cur[0], SpteState.FROZEN)
+        try:
+            ret = yield from self.ops.remove_external_spte(gfn, PG_LEVEL_4K, cur[0])
+        finally:
+            del self._leaves[gfn]
+        return int(ret)
+
+    def zap_all_private_leaves(self) -> Generator[Any, Any, List[int]]:
+        """Zap every present leaf in gfn order under one ``mmu_lock`` write; return the hook results."""
+        owner = yield Wait(self.mmu_lock, WRITE)
+        try:
+            out = []
+            for gfn in sorted(g for g, (_, s) in self._leaves.items() if s == SpteState.PRESENT):
+                out.append((yield from self._zap_private_leaf_locked(gfn)))
+            return out
+        finally:
+            self.mmu_lock.release(owner, WRITE)
+
+    def free_all_spt(self) -> List[int]:
+        """``kvm_mmu_uninit_vm`` for the mirror root: free every external page, deepest first.
+
+        Calls ``free_external_spt`` per non-leaf SPTE (the hook reclaims or leaks the page) and
+        forgets it. Leaves must be gone already. Returns the hook results in call order.
+        """
+        out = []
+        for (lv, g), (spt, _) in sorted(self._nonleaf.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+            out.append(self.ops.free_external_spt(g, lv, spt))
+        self._nonleaf.clear()
+        return out

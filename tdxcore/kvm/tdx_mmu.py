@@ -1,0 +1,220 @@
+"""The four 6.18 mirror hooks of TDX (``arch/x86/kvm/vmx/tdx.c``, v6.18; tdx-facts §3.4, §3.6, §4.1).
+
+* ``link_external_spt`` → :func:`tdx_sept_link_private_spt`: TDH.MEM.SEPT.ADD; BUSY → -EBUSY,
+  anything else → KVM_BUG, -EIO.
+* ``set_external_spte`` → :func:`tdx_sept_set_private_spte`: 4K only; before finalize only
+  ``nr_premapped += 1`` (PAGE.ADD comes from INIT_MEM_REGION); RUNNABLE: TDH.MEM.PAGE.AUG (BUSY →
+  -EBUSY, else KVM_BUG, -EIO).
+* ``remove_external_spte`` → :func:`tdx_sept_remove_private_spte`: the zap, BLOCK → ``tdx_track``
+  (TRACK + kick all vCPUs) → REMOVE → WBINVD(hkid) → clear (erratum hosts only). BLOCK, TRACK and
+  REMOVE get 6.18's one retry: on BUSY set ``wait_for_sept_zap``, kick every vCPU out of the guest
+  (:class:`~tdxcore.sched.WaitOutOfGuest`), retry once, clear the flag; a second failure is a
+  KVM_BUG. Before finalize, BLOCK answering ``EPT_ENTRY_STATE_INCORRECT|RCX`` for a premapped page
+  that was never PAGE.ADDed decrements ``nr_premapped`` and succeeds. A page that cannot be
+  removed stays pinned: it is recorded as a ``private`` leak (tdx-facts §5.8).
+* ``free_external_spt`` → :func:`tdx_sept_free_private_spt`: only after the HKID is released
+  (else KVM_BUG, page leaked); TDH.PHYMEM.PAGE.RECLAIM + clear (erratum) + free; failure → leak.
+
+This is the only file where KVM's ``pg_level`` (1 = 4K) becomes the module's ``level`` (0 = 4K)
+(STYLE §2.2), and, with ``tdx_vm.py``, where a module status becomes an errno (STYLE §2.3).
+Counters (``host.stats``): ``nr_zap_busy_retries`` (a zap SEAMCALL retried after BUSY) and
+``nr_kicks`` (KVM_REQ_OUTSIDE_GUEST_MODE broadcasts).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from typing import TYPE_CHECKING, Any, Callable, Generator
+
+from tdxcore.constants import PAGE_SHIFT, PG_LEVEL_4K
+from tdxcore.sched import WaitOutOfGuest
+from tdxcore.status import (  # type: ignore[attr-defined]
+    OPERAND_ID_RCX,
+    TDX_EPT_ENTRY_STATE_INCORRECT,
+    TDX_OPERAND_BUSY,
+    TDX_SUCCESS,
+)
+
+if TYPE_CHECKING:
+    from tdxcore.kvm.tdx_vm import TdxVm
+
+__all__ = ["pg_level_to_tdx_sept_level", "tdx_sept_link_private_spt", "tdx_sept_set_private_spte",
+           "tdx_sept_remove_private_spte", "tdx_sept_free_private_spt", "tdx_track", "TdxMirrorOps"]
+
+
+def pg_level_to_tdx_sept_level(pg_level: int) -> int:
+    """``pg_level_to_tdx_sept_level``: KVM's 1 = 4K → the module's 0 = 4K."""
+    return pg_level - PG_LEVEL_4K
+
+
+def _gpa(gfn: int) -> int:
+    return gfn << PAGE_SHIFT
+
+
+def _is_busy(res: Any) -> bool:
+    return bool(res.status.base == TDX_OPERAND_BUSY)
+
+
+def tdx_sept_link_private_spt(vm: "TdxVm", gfn: int, pg_level: int, spt: int) -> int:
+    """``tdx_sept_link_private_spt``: TDH.MEM.SEPT.ADD at ``pg_level - 1``; 0, -EBUSY or -EIO."""
+    assert vm.tdr is not None
+    res = vm.kvm.host.tdx.tdh_mem_sept_add(vm.tdr, _gpa(gfn), pg_level_to_tdx_sept_level(pg_level), spt)
+    if res.status == TDX_SUCCESS:
+        return 0
+    if _is_busy(res):
+        return -_errno.EBUSY
+    vm.bug(f"TDH.MEM.SEPT.ADD gfn={gfn:#x}: {res.status.name}")
+    return -_errno.EIO
+
+
+def tdx_sept_set_private_spte(vm: "TdxVm", gfn: int, pg_level: int, pfn: int) -> int:
+    """``tdx_sept_set_private_spte``: premap before finalize, TDH.MEM.PAGE.AUG when RUNNABLE."""
+    from tdxcore.kvm.tdx_vm import TdState
+
+    if pg_level != PG_LEVEL_4K:
+        vm.bug(f"set_external_spte at pg_level {pg_level}: only 4K private pages")
+        return -_errno.EIO
+    if vm.td_state != TdState.RUNNABLE:
+        vm.nr_premapped += 1
+        return 0
+    assert vm.tdr is not None
+    res = vm.kvm.host.tdx.tdh_mem_page_aug(vm.tdr, _gpa(gfn), pg_level_to_tdx_sept_level(pg_level), pfn)
+    if res.status == TDX_SUCCESS:
+        return 0
+    if _is_busy(res):
+        return -_errno.EBUSY
+    vm.bug(f"TDH.MEM.PAGE.AUG gfn={gfn:#x}: {res.status.name}")
+    return -_errno.EIO
+
+
+def _kick(vm: "TdxVm") -> Generator[Any, Any, None]:
+    """``kvm_make_all_cpus_request(KVM_REQ_OUTSIDE_GUEST_MODE)``: wait until no vCPU is in the guest."""
+    t = vm.kvm.host.tdx
+    vm.kvm.host.count("nr_kicks")
+    yield WaitOutOfGuest([t.vcpu(v.tdvpr) for v in vm.vcpus if v.tdvpr is not None])
+
+
+def _zap_seamcall(vm: "TdxVm", call: Callable[[], Any]) -> Generator[Any, Any, Any]:
+    """6.18's no-vCPU retry: try once; on BUSY block entry, kick, retry once, unblock."""
+    res = call()
+    if _is_busy(res):
+        vm.kvm.host.count("nr_zap_busy_retries")
+        vm.wait_for_sept_zap = True          # tdx_no_vcpus_enter_start
+        try:
+            yield from _kick(vm)
+            res = call()
+        finally:
+            vm.wait_for_sept_zap = False     # tdx_no_vcpus_enter_stop
+    return res
+
+
+def tdx_track(vm: "TdxVm") -> Generator[Any, Any, None]:
+    """``tdx_track``: no-op before finalize; TDH.MEM.TRACK (no-vCPU retry; failure → KVM_BUG), kick."""
+    from tdxcore.kvm.tdx_vm import TdState
+
+    if vm.td_state != TdState.RUNNABLE:
+        return
+    t = vm.kvm.host.tdx
+    tdr = vm.tdr
+    assert tdr is not None
+    res = yield from _zap_seamcall(vm, lambda: t.tdh_mem_track(tdr))
+    if res.status != TDX_SUCCESS:
+        vm.bug(f"TDH.MEM.TRACK: {res.status.name}")
+    yield from _kick(vm)
+
+
+def tdx_sept_remove_private_spte(vm: "TdxVm", gfn: int, pg_level: int,
+                                 pfn: int) -> Generator[Any, Any, int]:
+    """``tdx_sept_remove_private_spte`` (6.18): zap one private 4K page (caller holds mmu_lock write).
+
+    Returns 0 or -errno; on -EIO the VM is bugged and ``pfn`` is recorded as a ``private`` leak.
+    """
+    from tdxcore.kvm.tdx_vm import TdState
+
+    host = vm.kvm.host
+    t = host.tdx
+    if vm.hkid is None or vm.tdr is None:
+        vm.bug(f"remove_external_spte gfn={gfn:#x} without an HKID")
+        vm._leak(pfn, "private", "zap without an HKID")
+        return -_errno.EINVAL
+    if pg_level != PG_LEVEL_4K:
+        vm.bug(f"remove_external_spte at pg_level {pg_level}")
+        vm._leak(pfn, "private", "zap of a huge page")
+        return -_errno.EINVAL
+    tdr, hkid, gpa, level = vm.tdr, vm.hkid, _gpa(gfn), pg_level_to_tdx_sept_level(pg_level)
+    # tdx_sept_zap_private_spte
+    res = yield from _zap_seamcall(vm, lambda: t.tdh_mem_range_block(tdr, gpa, level))
+    if res.status != TDX_SUCCESS:
+        if (vm.td_state != TdState.RUNNABLE and vm.nr_premapped > 0
+                and res.status == TDX_EPT_ENTRY_STATE_INCORRECT | OPERAND_ID_RCX):
+            # tdx_is_sept_zap_err_due_to_premap: premapped, never PAGE.ADDed; unpin
+            vm.nr_premapped -= 1
+            return 0
+        vm.bug(f"TDH.MEM.RANGE.BLOCK gfn={gfn:#x}: {res.status.name}")
+        vm._leak(pfn, "private", f"TDH.MEM.RANGE.BLOCK: {res.status.name}")
+        return -_errno.EIO
+    yield from tdx_track(vm)
+    # tdx_sept_drop_private_spte
+    res = yield from _zap_seamcall(vm, lambda: t.tdh_mem_page_remove(tdr, gpa, level))
+    if res.status != TDX_SUCCESS:
+        vm.bug(f"TDH.MEM.PAGE.REMOVE gfn={gfn:#x}: {res.status.name}")
+        vm._leak(pfn, "private", f"TDH.MEM.PAGE.REMOVE: {res.status.name}")
+        return -_errno.EIO
+    res = t.tdh_phymem_page_wbinvd(pfn, hkid)
+    if res.status != TDX_SUCCESS:
+        vm.bug(f"TDH.PHYMEM.PAGE.WBINVD gfn={gfn:#x}: {res.status.name}")
+        vm._leak(pfn, "private", f"TDH.PHYMEM.PAGE.WBINVD: {res.status.name}")
+        return -_errno.EIO
+    if host.cpu_erratum_pw_mce:
+        host.frame_clear(pfn)               # tdx_quirk_reset_page
+    return 0
+
+
+def tdx_sept_free_private_spt(vm: "TdxVm", gfn: int, pg_level: int, spt: int) -> int:
+    """``tdx_sept_free_private_spt``: RECLAIM + clear + free the S-EPT page (HKID must be released).
+
+    Returns 0, -EINVAL (HKID still assigned: KVM_BUG, page leaked) or -EIO (RECLAIM failed: leaked).
+    """
+    del gfn, pg_level
+    if vm.hkid is not None:
+        vm.bug("free_external_spt with the HKID still assigned")
+        vm._leak(spt, "sept", "HKID still assigned at S-EPT page free")
+        return -_errno.EINVAL
+    if not vm._reclaim_page(spt, "sept"):
+        return -_errno.EIO
+    vm.kvm.host.free_frame(spt)
+    return 0
+
+
+class TdxMirrorOps:
+    """The mirror hooks of one TD, for :class:`~tdxcore.kvm.mmu.MirrorMmu`."""
+
+    def __init__(self, vm: "TdxVm") -> None:
+        self.vm = vm
+
+    def link_external_spt(self, gfn: int, pg_level: int, spt: int) -> int:
+        """See :func:`tdx_sept_link_private_spt`."""
+        return tdx_sept_link_private_spt(self.vm, gfn, pg_level, spt)
+
+    def set_external_spte(self, gfn: int, pg_level: int, pfn: int) -> int:
+        """See :func:`tdx_sept_set_private_spte`."""
+        return tdx_sept_set_private_spte(self.vm, gfn, pg_level, pfn)
+
+    def remove_external_spte(self, gfn: int, pg_level: int, pfn: int) -> Generator[Any, Any, int]:
+        """See :func:`tdx_sept_remove_private_spte`."""
+        return tdx_sept_remove_private_spte(self.vm, gfn, pg_level, pfn)
+
+    def free_external_spt(self, gfn: int, pg_level: int, spt: int) -> int:
+        """See :func:`tdx_sept_free_private_spt`."""
+        return tdx_sept_free_private_spt(self.vm, gfn, pg_level, spt)
+
+    def alloc_spt(self) -> int:
+        """Allocate a zeroed host page for an external page table (``HostError`` when out of frames)."""
+        host = self.vm.kvm.host
+        pfn = host.alloc_frame()
+        host.frame_clear(pfn)
+        return int(pfn)
+
+    def free_spt(self, spt: int) -> None:
+        """Give an unused external page back (its SEPT.ADD failed)."""
+        self.vm.kvm.host.free_frame(spt)
