@@ -36,6 +36,7 @@ from tdxcore.constants import (
 )
 from tdxcore.errors import HostError, InvariantViolation, KvmError, TdxError, TdxTypeError, TdxValueError
 from tdxcore.invariants import check_invariants, register_invariant
+from tdxcore.kvm import Kvm, helpers
 from tdxcore.module.host import Host
 from tdxcore.module.td import TdParams
 from tdxcore.module.tdx_module import SeamcallResult
@@ -86,4 +87,6 @@ __all__ = [
     "TdxStatus",
     "check_invariants",
     "register_invariant",
+    "Kvm",
+    "helpers",
 ]

@@ -2,20 +2,24 @@
 
 ``Kvm`` (``/dev/kvm``) creates :class:`Vm` objects; a VM creates :class:`GuestMemfd` files and
 sets memslots.
+``Vcpu.run`` is KVM_RUN (``kvm_run`` is its :class:`KvmRun`); ``helpers`` is the selftest-style
+vocabulary (``td_create`` ...).
 ``TdxVm`` (type TDX) adds the TD lifecycle, ``Vcpu`` its vCPUs (and KVM_TDX_INIT_MEM_REGION);
 ``MirrorMmu`` (``mmu.py``) is a TD's mirror root, driven through the 6.18 TDX hooks of ``tdx_mmu.py``.
 Kernel helpers return ``0``/``-errno`` as upstream does; ``kvm/ioctl.py`` is the one
 place a negative errno becomes :class:`~tdxcore.errors.KvmError`.
 """
 
+from tdxcore.kvm import helpers
 from tdxcore.kvm.gmem import GuestMemfd
 from tdxcore.kvm.kvm import FdTable, Kvm, Memfd
 from tdxcore.kvm.memslot import Memslot, Memslots
 from tdxcore.kvm.mmu import MirrorMmu, SpteState
+from tdxcore.kvm.run import GuestEvent, KvmRun
 from tdxcore.kvm.tdx_vm import CpuidEntry, Leak, TdState, TdxCapabilities, TdxVm
 from tdxcore.kvm.vcpu import MemRegion, Vcpu, VcpuTdState
 from tdxcore.kvm.vm import Vm
 
 __all__ = ["Kvm", "Vm", "GuestMemfd", "FdTable", "Memfd", "Memslot", "Memslots", "TdxVm", "TdState",
            "Vcpu", "VcpuTdState", "Leak", "CpuidEntry", "TdxCapabilities", "MemRegion", "MirrorMmu",
-           "SpteState"]
+           "SpteState", "KvmRun", "GuestEvent", "helpers"]
