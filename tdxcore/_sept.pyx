@@ -139,6 +139,21 @@ cdef bint _bool_arg(str name, object v) except -1:
     raise TdxTypeError(msg, name=name, value=v)
 
 
+cdef struct epoch_args:
+    uint64_t td_epoch           # the TD's current epoch (TDCS.TD_EPOCH)
+    uint64_t refcount_prev      # REFCOUNT of the previous epoch's parity
+    bint tracking_required      # op state requires TLB tracking (RUNNABLE, ...)
+
+
+cdef int _epoch_arg(object td_epoch, object refcount_prev, object tracking_required,
+                    epoch_args* a) except -1:
+    """Validate the epoch arguments the S-EPT removal leaves share, in their declared order."""
+    a.td_epoch = _u64_arg("td_epoch", td_epoch)
+    a.refcount_prev = _u64_arg("refcount_prev", refcount_prev)
+    a.tracking_required = _bool_arg("tracking_required", tracking_required)
+    return 0
+
+
 cdef object _ret(sept_result* r, str what):
     if r.status == U64_MAX:
         raise MemoryError(f"SeptTree.{what}: cannot allocate a {sizeof(sept_table)}-byte table")
@@ -645,12 +660,11 @@ cdef class SeptTree:
         """
         cdef uint64_t g = _u64_arg("gpa", gpa)
         cdef int lv = _level_arg(level)
-        cdef uint64_t ep = _u64_arg("td_epoch", td_epoch)
-        _u64_arg("refcount_prev", refcount_prev)
-        _bool_arg("tracking_required", tracking_required)
+        cdef epoch_args a
+        _epoch_arg(td_epoch, refcount_prev, tracking_required, &a)
         cdef sept_result r
         with nogil:
-            self.range_block_c(g, lv, ep, &r)
+            self.range_block_c(g, lv, a.td_epoch, &r)
         return _ret(&r, "range_block")
 
     def range_unblock(self, gpa, level, td_epoch, refcount_prev=0, tracking_required=True):
@@ -662,12 +676,11 @@ cdef class SeptTree:
         """
         cdef uint64_t g = _u64_arg("gpa", gpa)
         cdef int lv = _level_arg(level)
-        cdef uint64_t ep = _u64_arg("td_epoch", td_epoch)
-        cdef uint64_t rc = _u64_arg("refcount_prev", refcount_prev)
-        cdef bint tr = _bool_arg("tracking_required", tracking_required)
+        cdef epoch_args a
+        _epoch_arg(td_epoch, refcount_prev, tracking_required, &a)
         cdef sept_result r
         with nogil:
-            self.range_unblock_c(g, lv, ep, rc, tr, &r)
+            self.range_unblock_c(g, lv, a.td_epoch, a.refcount_prev, a.tracking_required, &r)
         return _ret(&r, "range_unblock")
 
     def page_remove(self, gpa, level, td_epoch, refcount_prev=0, tracking_required=True):
@@ -685,12 +698,11 @@ cdef class SeptTree:
         """
         cdef uint64_t g = _u64_arg("gpa", gpa)
         cdef int lv = _level_arg(level)
-        cdef uint64_t ep = _u64_arg("td_epoch", td_epoch)
-        cdef uint64_t rc = _u64_arg("refcount_prev", refcount_prev)
-        cdef bint tr = _bool_arg("tracking_required", tracking_required)
+        cdef epoch_args a
+        _epoch_arg(td_epoch, refcount_prev, tracking_required, &a)
         cdef sept_result r
         with nogil:
-            self.page_remove_c(g, lv, ep, rc, tr, &r)
+            self.page_remove_c(g, lv, a.td_epoch, a.refcount_prev, a.tracking_required, &r)
         return _ret(&r, "page_remove")
 
     def sept_remove(self, gpa, level, td_epoch, refcount_prev=0, tracking_required=True):
@@ -703,12 +715,11 @@ cdef class SeptTree:
         """
         cdef uint64_t g = _u64_arg("gpa", gpa)
         cdef int lv = _level_arg(level)
-        cdef uint64_t ep = _u64_arg("td_epoch", td_epoch)
-        cdef uint64_t rc = _u64_arg("refcount_prev", refcount_prev)
-        cdef bint tr = _bool_arg("tracking_required", tracking_required)
+        cdef epoch_args a
+        _epoch_arg(td_epoch, refcount_prev, tracking_required, &a)
         cdef sept_result r
         with nogil:
-            self.sept_remove_c(g, lv, ep, rc, tr, &r)
+            self.sept_remove_c(g, lv, a.td_epoch, a.refcount_prev, a.tracking_required, &r)
         return _ret(&r, "sept_remove")
 
     def page_accept(self, gpa, level=0):
@@ -841,9 +852,10 @@ cdef class SeptTree:
     def page_remove_batch(self, gfns, td_epoch, refcount_prev=0, tracking_required=True):
         """Run :meth:`page_remove` at level 0 for each gfn; GIL released; statuses."""
         g = _gfn_array("gfns", gfns)
-        cdef uint64_t ep = _u64_arg("td_epoch", td_epoch)
-        cdef uint64_t rc = _u64_arg("refcount_prev", refcount_prev)
-        cdef bint tr = _bool_arg("tracking_required", tracking_required)
+        cdef epoch_args a
+        _epoch_arg(td_epoch, refcount_prev, tracking_required, &a)
+        cdef uint64_t ep = a.td_epoch, rc = a.refcount_prev
+        cdef bint tr = a.tracking_required
         out = np.empty(g.shape[0], dtype=np.uint64)
         cdef const uint64_t[::1] gv = g
         cdef uint64_t[::1] ov = out
