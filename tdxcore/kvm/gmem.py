@@ -347,9 +347,10 @@ class GuestMemfd:
             return ebadf("guest_memfd")
         self._closed = True
         self.vm.kvm.fds.remove(self.fd)
+        # Invalidate through the bindings first, then unbind (kvm_gmem_release, 6.18).
+        yield from self._punch_hole_locked(0, self.size >> PAGE_SHIFT)
         for _, _, slot in self._bindings:
             slot.gmem = None
         self._bindings = []
-        yield from self._punch_hole_locked(0, self.size >> PAGE_SHIFT)
         self.vm.put()
         return OK

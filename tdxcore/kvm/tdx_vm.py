@@ -53,7 +53,7 @@ from tdxcore.errors import HostError, TdxTypeError, TdxValueError, check_int
 from tdxcore.kvm.gmem import GuestMemfd
 from tdxcore.kvm.ioctl import OK, Ret, fail, ioctl
 from tdxcore.kvm.kvm import Kvm
-from tdxcore.kvm.mmu import MirrorMmu
+from tdxcore.kvm.mmu import MirrorMmu, SpteState
 from tdxcore.kvm.tdx_mmu import TdxMirrorOps
 from tdxcore.kvm.vcpu import Vcpu, VcpuTdState
 from tdxcore.kvm.vm import Vm
@@ -802,16 +802,26 @@ class TdxVm(Vm):
         returns the indices whose zap failed, which stay pinned (leaked, never freed).
         """
         pages = gmem._pages
-        by_pfn = {p: g for g, p in self.mmu.leaves}
-        pinned = set()
-        for index in sorted(i for i in pages if start <= i < end):
+        if end - start > len(pages):
+            indices = sorted(i for i in pages if start <= i < end)
+        else:
+            indices = [i for i in range(start, end) if i in pages]
+        for index in indices:
             self._gmem_prepared.discard((gmem.fd, index))
-            gfn = by_pfn.get(pages[index])
-            if gfn is None:
-                continue
-            ret = yield from self.mmu.zap_private_leaf(gfn)
-            if ret:
-                pinned.add(index)
+        pinned = set()
+        # Walk the file's bindings, as kvm_gmem_invalidate_begin does: page index -> gfn in each
+        # bound slot; O(pages punched), not O(pages mapped).
+        for lo, hi, slot in list(gmem._bindings):
+            for index in indices:
+                if not lo <= index < hi:
+                    continue
+                gfn = slot.base_gfn + index - slot.gmem_pgoff
+                leaf = self.mmu.leaf(gfn)
+                if leaf is None or leaf[1] != SpteState.PRESENT or leaf[0] != pages[index]:
+                    continue
+                ret = yield from self.mmu.zap_private_leaf(gfn)
+                if ret:
+                    pinned.add(index)
         return frozenset(pinned)
 
     def _gmem_populate_one(self, gfn: int, data: bytes, measure: bool) -> Generator[Any, Any, Ret]:
