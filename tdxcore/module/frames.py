@@ -19,10 +19,12 @@ import errno as _errno
 import hashlib
 import heapq
 import struct
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from types import GeneratorType
+from typing import Any, Callable, Dict, Generator, List, Optional, Tuple
 
 from tdxcore.constants import LOW_RESERVED_FRAMES, PAGE_SIZE
 from tdxcore.errors import HostError, TdxTypeError, TdxValueError, check_int
+from tdxcore.sched import run_to_completion
 
 __all__ = ["FrameAllocator", "FrameContents", "UserMemory", "LOW_RESERVED_FRAMES", "HVA_BASE"]
 
@@ -330,8 +332,33 @@ class UserMemory:
         msg = "notifier is not subscribed"
         raise TdxValueError(msg, name="notifier", value=notifier)
 
+    def fault_in(self, hva: Any) -> int:
+        """``get_user_pages(FOLL_WRITE)`` of one page: back it with a zeroed frame if needed.
+
+        Returns the backing frame; ``HostError(EFAULT)`` outside every mapping, ``ENOMEM`` when
+        the host has no frame.
+        """
+        h = self._check_range(hva, 1, "fault_in") & ~(PAGE_SIZE - 1)
+        pfn = self._pages.get(h)
+        if pfn is None:
+            pfn = self._alloc()
+            self._contents.clear(pfn)
+            self._pages[h] = pfn
+        return pfn
+
     def madvise_dontneed(self, hva: Any, size: Any) -> int:
-        """Drop the backing of ``[hva, hva+size)`` (rounded up to pages); return frames freed."""
+        """Drop the backing of ``[hva, hva+size)`` (rounded up to pages); return frames freed.
+
+        The synchronous form of :meth:`madvise_dontneed_gen` (one caller, no other actor).
+        """
+        return int(run_to_completion(self.madvise_dontneed_gen(hva, size), name="madvise"))
+
+    def madvise_dontneed_gen(self, hva: Any, size: Any) -> Generator[Any, Any, int]:
+        """:meth:`madvise_dontneed` as a generator (SPEC §5): a notifier may wait (``mmu_lock``).
+
+        Arguments are checked before the first yield. A notifier method that returns a
+        generator is driven here (KVM's, which takes ``mmu_lock``); a plain one is just called.
+        """
         h = check_int("hva", hva, 0, 1 << 64)
         n = check_int("size", size, 0, 1 << 47)
         if h & (PAGE_SIZE - 1):
@@ -352,10 +379,9 @@ class UserMemory:
         freed = 0
         for lo, hi in ranges:
             for nt in list(self._notifiers):
-                if hasattr(nt, "invalidate_range_start"):
-                    nt.invalidate_range_start(lo, hi)
-                else:
-                    nt(lo, hi)
+                r = nt.invalidate_range_start(lo, hi) if hasattr(nt, "invalidate_range_start") else nt(lo, hi)
+                if isinstance(r, GeneratorType):
+                    yield from r
             for page in range(lo, hi, PAGE_SIZE):
                 pfn = self._pages.pop(page, None)
                 if pfn is not None:
@@ -364,7 +390,9 @@ class UserMemory:
             for nt in list(self._notifiers):
                 end_cb = getattr(nt, "invalidate_range_end", None)
                 if end_cb is not None:
-                    end_cb(lo, hi)
+                    r = end_cb(lo, hi)
+                    if isinstance(r, GeneratorType):
+                        yield from r
         return freed
 
     @property

@@ -27,26 +27,37 @@ from tdxcore.module.tdx_module import TdxModule
 __all__ = ["Host", "Stats", "LeakRecord", "HOST_COUNTERS"]
 
 #: Counters the host and module keep themselves (others are declared on first ``count``).
-HOST_COUNTERS = ("nr_seamcalls", "nr_seamcall_errors", "nr_injected", "nr_sc_retries",
+HOST_COUNTERS = ("nr_seamcalls_total", "nr_seamcall_errors", "nr_injected", "nr_sc_retries",
                  "nr_bringup_failures", "nr_frames_allocated", "nr_frames_freed", "nr_leaks",
                  "nr_cpu_offline", "nr_cpu_online", "nr_madvise")
 
 
 class Stats:
-    """A frozen snapshot of the host's ``nr_*`` counters with attribute access.
+    """A frozen snapshot of the host's ``nr_*`` counters with attribute access (SPEC §3.2).
 
-    ``host.stats.nr_seamcalls``; an undeclared name raises ``AttributeError`` (no silent 0).
+    ``host.stats.nr_seamcalls_total`` (int); ``host.stats.nr_seamcalls`` is a read-only
+    ``{Leaf: calls}`` and ``host.stats.nr_busy`` a ``{(leaf, operand): BUSY results}`` (SEAMCALL
+    and TDCALL leaves; ``OPERAND_BUSY`` and ``OPERAND_BUSY_HOST_PRIORITY``). An undeclared name
+    raises ``AttributeError`` (no silent 0).
     """
 
-    __slots__ = ("_d",)
+    __slots__ = ("_d", "_maps")
     _d: "MappingProxyType[str, int]"
+    _maps: "MappingProxyType[str, Any]"
 
-    def __init__(self, counters: Mapping[str, int]) -> None:
+    def __init__(self, counters: Mapping[str, int],
+                 maps: Optional[Mapping[str, Mapping[Any, int]]] = None) -> None:
         object.__setattr__(self, "_d", MappingProxyType(dict(counters)))
+        object.__setattr__(self, "_maps", MappingProxyType(
+            {k: MappingProxyType(dict(v)) for k, v in (maps or {}).items()}))
 
-    def __getattr__(self, name: str) -> int:
+    def __getattr__(self, name: str) -> Any:
         try:
             return self._d[name]
+        except KeyError:
+            pass
+        try:
+            return self._maps[name]
         except KeyError:
             msg = f"no counter {name!r}"
             raise AttributeError(msg) from None
@@ -56,7 +67,7 @@ class Stats:
         raise AttributeError(msg)
 
     def as_dict(self) -> Mapping[str, int]:
-        """Read-only mapping of every counter."""
+        """Read-only mapping of every scalar counter."""
         return self._d
 
     def __repr__(self) -> str:
@@ -148,6 +159,8 @@ class Host:
         self._online = list(self._booted)
         self.nr_frames = mem >> PAGE_SHIFT
         self._counters: Dict[str, int] = {n: 0 for n in HOST_COUNTERS}
+        self._by_leaf: Dict[Any, int] = {}                 # Leaf -> SEAMCALLs issued
+        self._busy: Dict[Tuple[Any, int], int] = {}        # (leaf, operand) -> BUSY results
         self._rngs: Dict[str, random.Random] = {}
         self.events = EventLog()
         self.frames = FrameAllocator(self.nr_frames)
@@ -306,6 +319,15 @@ class Host:
         self.count("nr_madvise")
         return self.user.madvise_dontneed(hva, size)
 
+    def madvise_dontneed_gen(self, hva: int, size: int) -> Any:
+        """:meth:`madvise_dontneed` as a generator for an actor (MMU notifiers may wait)."""
+        self.count("nr_madvise")
+        return self.user.madvise_dontneed_gen(hva, size)
+
+    def fault_in(self, hva: int) -> int:
+        """``get_user_pages`` of one user page for writing: its backing frame (allocated if needed)."""
+        return self.user.fault_in(hva)
+
     def add_mmu_notifier(self, notifier: Any) -> None:
         """Subscribe to user-memory invalidations (KVM registers here; the module never imports it)."""
         self.user.add_mmu_notifier(notifier)
@@ -342,7 +364,17 @@ class Host:
     @property
     def stats(self) -> Stats:
         """Frozen snapshot of every counter."""
-        return Stats(self._counters)
+        return Stats(self._counters, {"nr_seamcalls": self._by_leaf, "nr_busy": self._busy})
+
+    def count_seamcall(self, leaf: Any) -> None:
+        """Count one SEAMCALL of ``leaf`` (total and per leaf)."""
+        self._counters["nr_seamcalls_total"] += 1
+        self._by_leaf[leaf] = self._by_leaf.get(leaf, 0) + 1
+
+    def count_busy(self, leaf: Any, operand: int) -> None:
+        """Count one BUSY result of ``leaf`` on ``operand`` (``nr_busy``)."""
+        key = (leaf, operand)
+        self._busy[key] = self._busy.get(key, 0) + 1
 
     # ------------------------------------------------------------------ VMs, leaks
     def register_vm(self, vm: Any) -> None:

@@ -29,7 +29,13 @@ from tdxcore.errors import HostError, TdxTypeError, TdxValueError, check_int
 from tdxcore.module.inject import InjectCall, Injection, Injector
 from tdxcore.sched import PREEMPT, KLock, run_to_completion
 from tdxcore.status import (  # type: ignore[attr-defined]
-    TDX_SUCCESS, TDX_SYS_NOT_READY, Leaf, TdcallLeaf, TdxStatus,
+    TDX_OPERAND_BUSY,
+    TDX_OPERAND_BUSY_HOST_PRIORITY,
+    TDX_SUCCESS,
+    TDX_SYS_NOT_READY,
+    Leaf,
+    TdcallLeaf,
+    TdxStatus,
 )
 
 if TYPE_CHECKING:
@@ -423,7 +429,7 @@ class TdxModule:
                 raise TdxValueError(msg, name="leaf", value=leaf)
             op = Op(self, leaf, regs, c, actor)
             self._emit_begin(actor, leaf, c, regs)
-            self.host.count("nr_seamcalls")
+            self.host.count_seamcall(leaf)
             inj = self._injected(leaf, regs, c, actor)
             if inj is not None:
                 op._finish(SeamcallResult(inj))
@@ -486,6 +492,9 @@ class TdxModule:
         return op.complete()
 
     def _emit_end_op(self, op: Any, res: SeamcallResult) -> int:
+        base = res.status.base
+        if base == TDX_OPERAND_BUSY or base == TDX_OPERAND_BUSY_HOST_PRIORITY:
+            self.host.count_busy(op.leaf, res.status.operand)
         if op.leaf_space == "tdcall":
             if res.status.is_error:
                 self.host.count("nr_tdcall_errors")
@@ -756,6 +765,15 @@ class TdxModule:
         OPERAND_BUSY_HOST_PRIORITY|RCX.
         """
         return self.begin_accept(tdvpr, gpa, level, cpu=cpu, actor=actor).complete()
+
+    def guest_translate(self, tdvpr: int, gpa: int, write: bool = False) -> Any:
+        """Walk the S-EPT as the guest CPU does for an access at private ``gpa`` (not a SEAMCALL).
+
+        See :func:`tdxcore.module.guest_access.guest_translate`.
+        """
+        from tdxcore.module.guest_access import guest_translate
+
+        return guest_translate(self, tdvpr, gpa, write)
 
     # ------------------------------------------------------------------ host hooks
     @property

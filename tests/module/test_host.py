@@ -285,11 +285,11 @@ def test_stats_snapshot_frozen():
     h = Host(**SMALL)
     s = h.stats
     h.count("nr_custom", 3)
-    assert h.stats.nr_custom == 3 and s.nr_seamcalls == 0
+    assert h.stats.nr_custom == 3 and s.nr_seamcalls_total == 0
     with pytest.raises(AttributeError):
         _ = s.nr_custom  # not in the older snapshot
     with pytest.raises(AttributeError):
-        s.nr_seamcalls = 5
+        s.nr_seamcalls_total = 5
     with pytest.raises(TdxValueError, match="nr_"):
         h.count("busy")
     assert h.stats.as_dict()["nr_custom"] == 3 and "nr_custom=3" in repr(h.stats)
