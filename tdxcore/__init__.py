@@ -16,7 +16,7 @@ Examples
 'TDX_OPERAND_BUSY|SEPT_TREE (0x8000020000000092)'
 """
 
-from tdxcore import constants, errors, status
+from tdxcore import constants, errors, guest, status
 from tdxcore._busylock import BusyLock
 from tdxcore._invalidate import InvalidateTracker
 from tdxcore._pamt import Pamt, is_tlb_tracked
@@ -36,7 +36,7 @@ from tdxcore.constants import (
 )
 from tdxcore.errors import HostError, InvariantViolation, KvmError, TdxError, TdxTypeError, TdxValueError
 from tdxcore.invariants import check_invariants, register_invariant
-from tdxcore.kvm import Kvm, helpers
+from tdxcore.kvm import Kvm, Policy, helpers
 from tdxcore.module.host import Host
 from tdxcore.module.td import TdParams
 from tdxcore.module.tdx_module import SeamcallResult
@@ -88,5 +88,7 @@ __all__ = [
     "check_invariants",
     "register_invariant",
     "Kvm",
+    "Policy",
     "helpers",
+    "guest",
 ]

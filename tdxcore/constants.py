@@ -269,6 +269,8 @@ TD_TSC_FREQUENCY_MAX = 400
 #: TD_PARAMS alignment (1024 B, tdx-facts §2.3 MNG.INIT).
 TD_PARAMS_ALIGN = 1024
 #: VMX basic exit reasons the model's TD exits report in VP.ENTER's RAX low 32 bits.
+#: VMX basic exit reason of an external interrupt (a kick's IPI)
+EXIT_REASON_EXTERNAL_INTERRUPT = 1
 EXIT_REASON_HLT = 12
 EXIT_REASON_TDCALL = 77
 #: Field ids TDH.MNG.RD answers (model ids; module metadata field ids are not in the reference):
@@ -382,3 +384,59 @@ PG_LEVEL_4K = 1
 TDX_EXTENDMR_CHUNKSIZE = 256
 #: ``KVM_TDX_MEASURE_MEMORY_REGION``: the only ``cmd.flags`` bit of KVM_TDX_INIT_MEM_REGION.
 KVM_TDX_MEASURE_MEMORY_REGION = 1 << 0
+
+# --------------------------------------------------------------------------------------------
+# TDVMCALL exits (kvm/exits.py; issue 7) — appended section. Sources: include/uapi/linux/kvm.h,
+# include/uapi/linux/kvm_para.h, arch/x86/include/asm/msr-index.h, arch/x86/kvm/vmx/tdx.c (6.18),
+# arch/x86/include/asm/shared/tdx.h (guest side), GHCI.
+# --------------------------------------------------------------------------------------------
+#: ``KVM_EXIT_HYPERCALL_LONG_MODE``: ``kvm_run.hypercall.flags`` bit 0 (64-bit hypercall).
+KVM_EXIT_HYPERCALL_LONG_MODE = 1 << 0
+#: ``KVM_MAP_GPA_RANGE_DECRYPTED``: args[2] of a MapGPA chunk converting to shared.
+MAP_GPA_RANGE_DECRYPTED = 0
+#: ``kvm_run.io.direction``: ``KVM_EXIT_IO_IN`` / ``KVM_EXIT_IO_OUT``.
+KVM_EXIT_IO_IN = 0
+KVM_EXIT_IO_OUT = 1
+#: ``KVM_HC_VAPIC_POLL_IRQ``: the one KVM hypercall besides MAP_GPA_RANGE the model answers (0).
+KVM_HC_VAPIC_POLL_IRQ = 1
+#: ``KVM_ENOSYS`` (kvm_para.h): an unknown/disabled KVM hypercall, returned as ``-KVM_ENOSYS``.
+KVM_HC_ENOSYS = 1000
+#: Linux's ``TDVMCALL_EXPOSE_REGS_MASK`` (RDX, RBX, RSI, RDI, R8-R15): the TDCALL RCX of the model's guest.
+TDVMCALL_EXPOSE_REGS_MASK = 0xFFCC
+#: ``user_tdvmcallinfo_1_r11`` bit advertising SetupEventNotifyInterrupt to the guest (6.18).
+TDVMCALLINFO_SETUP_EVENT_NOTIFY_INTERRUPT = 1 << 1
+#: ``KVM_MAX_MCE_BANKS``: bound of the MCx_CTL / MCx_CTL2 MSR ranges KVM emulates.
+KVM_MAX_MCE_BANKS = 32
+#: MSR indexes KVM treats specially for a TD (msr-index.h): read-only ones, FEAT_CTL's value.
+MSR_IA32_APICBASE = 0x1B
+MSR_IA32_FEAT_CTL = 0x3A
+MSR_EFER = 0xC0000080
+MSR_IA32_MCG_EXT_CTL = 0x4D0
+MSR_IA32_CR_PAT = 0x277
+#: ``FEAT_CTL_LOCKED``: what RDMSR(FEAT_CTL) returns for a TD without LMCE.
+FEAT_CTL_LOCKED = 1 << 0
+#: x2APIC MSR range (``APIC_BASE_MSR`` .. + 0xff); KVM's MSR filter never applies to it.
+X2APIC_MSR_BASE = 0x800
+X2APIC_MSR_LAST = 0x8FF
+#: Single MSRs ``tdx_has_emulated_msr`` (6.18) accepts: UCODE_REV, ARCH_CAPABILITIES, POWER_CTL,
+#: CR_PAT, MTRRcap, MTRRdefType, TSC_DEADLINE, MISC_ENABLE, PLATFORM_INFO, MISC_FEATURES_ENABLES,
+#: APICBASE, EFER, FEAT_CTL, MCG_CAP, MCG_STATUS, MCG_CTL, MCG_EXT_CTL, MSR_KVM_POLL_CONTROL.
+TDX_EMULATED_MSRS = frozenset((0x8B, 0x10A, 0x1FC, 0x277, 0xFE, 0x2FF, 0x6E0, 0x1A0, 0xCE, 0x140, 0x1B,
+                               0xC0000080, 0x3A, 0x179, 0x17A, 0x17B, 0x4D0, 0x4B564D05))
+#: Inclusive MSR ranges it accepts: MTRRphysBase0..MTRRfix4K_F8000, MC0_CTL..MCx_CTL(32)-1,
+#: MC0_CTL2..MCx_CTL2(32)-1.
+TDX_EMULATED_MSR_RANGES = ((0x200, 0x26F), (0x400, 0x400 + 4 * KVM_MAX_MCE_BANKS - 1),
+                           (0x280, 0x280 + KVM_MAX_MCE_BANKS - 1))
+#: x2APIC MSRs the CPU virtualizes for a TD, which KVM cannot emulate: TPR, PPR, EOI and the ISR,
+#: TMR, IRR case ranges exactly as 6.18 spells them (``X2APIC_MSR(APIC_ISR) ...
+#: X2APIC_MSR(APIC_ISR + APIC_ISR_NR)`` shifts the byte offset by 4, so each range is one MSR).
+TDX_X2APIC_NOT_EMULATED = frozenset((0x808, 0x80A, 0x80B, 0x810, 0x818, 0x820))
+#: ``KVM_CPUID_FLAG_SIGNIFCANT_INDEX`` (sic, uapi): the entry's ``index`` (subleaf) must match.
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0
+#: Reset values of the MSRs a TD vCPU starts with (``tdx_vcpu_create``, 6.18): APIC base (x2APIC
+#: mode, BSP bit for vCPU 0), EFER (SCE | LME | LMA | NX), PAT (``MSR_IA32_CR_PAT_DEFAULT``).
+APIC_DEFAULT_PHYS_BASE = 0xFEE00000
+MSR_IA32_APICBASE_BSP = 1 << 8
+LAPIC_MODE_X2APIC = (1 << 11) | (1 << 10)
+TDX_EFER = (1 << 0) | (1 << 8) | (1 << 10) | (1 << 11)
+MSR_IA32_CR_PAT_DEFAULT = 0x0007040600070406

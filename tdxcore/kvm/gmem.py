@@ -248,6 +248,7 @@ class GuestMemfd:
             pfn = self._pages.pop(index)
             if index not in pinned:
                 self.vm.kvm.host.free_frame(pfn)
+        yield from self.vm.kvm_gmem_invalidate_end(self, start, end)
 
     # ------------------------------------------------------------------ host mapping
     def _check_mapping(self, offset: int, size: int) -> Tuple[int, int]:

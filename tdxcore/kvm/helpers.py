@@ -7,9 +7,11 @@ The vocabulary of the KVM selftests' TDX library (``tools/testing/selftests/kvm/
 KVM_TDX_INIT_VCPU per vCPU → KVM_TDX_INIT_MEM_REGION for the initial pages + KVM_TDX_FINALIZE_VM
 (:func:`td_finalize`). :func:`vcpu_run_until_hlt` is the selftests' run loop.
 
-``vm_set_memory_attributes`` and ``handle_memory_conversion`` (SPEC §3.2) need the memory
-attribute store (KVM_SET_MEMORY_ATTRIBUTES), which arrives with the KVM memory issue: they are
-deliberately absent until then.
+:func:`vm_set_memory_attributes` is the selftests' wrapper of KVM_SET_MEMORY_ATTRIBUTES;
+:func:`handle_memory_conversion` does what QEMU does on a ``KVM_EXIT_MEMORY_FAULT`` or a MapGPA
+``KVM_EXIT_HYPERCALL`` (``kvm_convert_memory``): set the attributes, discard the side the range
+left (punch the guest_memfd pages, or ``MADV_DONTNEED`` the shared userspace pages) and, for
+MapGPA, answer ``hypercall.ret``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,19 @@ from __future__ import annotations
 import errno as _errno
 from typing import Any, Iterable, NamedTuple, Optional, Sequence, Tuple
 
-from tdxcore.constants import PAGE_SIZE, Cap, ExitReason, MemFlag, VmType
+from tdxcore.constants import (
+    HC,
+    MAP_GPA_RANGE_ENCRYPTED,
+    MEMORY_EXIT_FLAG_PRIVATE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    Cap,
+    ExitReason,
+    FallocFlag,
+    MemAttr,
+    MemFlag,
+    VmType,
+)
 from tdxcore.errors import TdxError, TdxTypeError, TdxValueError, check_int
 from tdxcore.kvm.gmem import GuestMemfd
 from tdxcore.kvm.run import KvmRun
@@ -25,7 +39,8 @@ from tdxcore.kvm.tdx_vm import TdxVm
 from tdxcore.kvm.vcpu import Vcpu
 
 __all__ = ["Td", "InitialRegion", "UnexpectedExit", "td_create", "td_initialize", "td_finalize",
-           "vm_userspace_mem_region_add", "vcpu_run_until_hlt", "SPLIT_IRQCHIP_PINS"]
+           "vm_userspace_mem_region_add", "vcpu_run_until_hlt", "vm_set_memory_attributes",
+           "handle_memory_conversion", "SPLIT_IRQCHIP_PINS"]
 
 #: IOAPIC pins the selftests pass with KVM_CAP_SPLIT_IRQCHIP (``KVM_IRQCHIP_NUM_PINS``).
 SPLIT_IRQCHIP_PINS = 24
@@ -107,7 +122,8 @@ def vm_userspace_mem_region_add(vm: TdxVm, slot: int, gpa: int, size: int, *,
     slot, gpa, size : int
         Slot id, first GPA and size (page aligned, ``size > 0``).
     private : bool
-        Create a guest_memfd of ``size`` bytes and bind it (``KVM_MEM_GUEST_MEMFD``, offset 0).
+        Create a guest_memfd of ``size`` bytes, bind it (``KVM_MEM_GUEST_MEMFD``, offset 0) and set
+        the range PRIVATE (what the TDX selftests' ``vm_mem_add`` + ``vm_mem_set_private`` do).
 
     Returns
     -------
@@ -131,6 +147,8 @@ def vm_userspace_mem_region_add(vm: TdxVm, slot: int, gpa: int, size: int, *,
         uaddr = vm.kvm.host.mmap(n)
         vm.set_user_memory_region2(slot, MemFlag.GUEST_MEMFD if p else 0, gpa, n, uaddr,
                                    guest_memfd_offset=0, guest_memfd=gmem if gmem is not None else 0)
+        if p:
+            vm.set_memory_attributes(gpa, n, MemAttr.PRIVATE)
     except BaseException:
         if gmem is not None:
             gmem.close()
@@ -273,3 +291,78 @@ def vcpu_run_until_hlt(vcpu: Vcpu, ops: Optional[Sequence[Any]] = None, max_runs
         msg = f"vCPU {vcpu.vcpu_id}: exit {run.exit_reason.name} (ret {run.ret}), expected HLT"
         raise UnexpectedExit(msg)
     return run
+
+
+def vm_set_memory_attributes(vm: Any, gpa: int, size: int, private: bool) -> None:
+    """Set ``[gpa, gpa + size)`` PRIVATE or shared (the selftests' ``vm_set_memory_attributes``).
+
+    ``gpa`` may carry the shared bit (it is stripped: attributes are per gfn).
+    """
+    p = _bool("private", private)
+    g = check_int("gpa", gpa, 0, 1 << 64) & ~vm.gpa_shared_mask
+    vm.set_memory_attributes(g, size, MemAttr.PRIVATE if p else 0)
+
+
+def _discard(vm: Any, gpa: int, size: int, to_private: bool) -> None:
+    """Drop the backing the range left: userspace pages (to private) or guest_memfd pages (to shared)."""
+    start, end = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
+    host = vm.kvm.host
+    for slot in list(vm.memslots):
+        lo, hi = max(start, slot.base_gfn), min(end, slot.end_gfn)
+        if lo >= hi:
+            continue
+        if to_private:
+            host.madvise_dontneed(slot.gfn_to_hva(lo), (hi - lo) << PAGE_SHIFT)
+        elif slot.gmem is not None:
+            off = (slot.gmem_pgoff + lo - slot.base_gfn) << PAGE_SHIFT
+            slot.gmem.fallocate(FallocFlag.PUNCH_HOLE | FallocFlag.KEEP_SIZE, off, (hi - lo) << PAGE_SHIFT)
+
+
+def handle_memory_conversion(vm: Any, run: KvmRun, *, discard: bool = True) -> None:
+    """Do what QEMU's ``kvm_convert_memory`` does for the exit in ``run``.
+
+    Parameters
+    ----------
+    vm : Vm
+        The VM whose vCPU exited.
+    run : KvmRun
+        ``KVM_EXIT_MEMORY_FAULT`` (convert ``memory_fault.gpa/size`` to the fault's kind) or a
+        ``KVM_EXIT_HYPERCALL`` with nr ``KVM_HC_MAP_GPA_RANGE`` (convert ``args[1]`` pages at
+        ``args[0]``, private iff ``args[2] & ENCRYPTED``; ``hypercall.ret`` = 0, or ``-EINVAL``
+        (as a u64, what QEMU returns) when the ioctl fails).
+    discard : bool
+        Also drop the backing the range left (QEMU's default ``ram_block_discard``).
+
+    Raises
+    ------
+    TdxValueError
+        ``run`` holds another exit.
+    KvmError
+        For a MEMORY_FAULT whose conversion fails (QEMU stops the vCPU then).
+    """
+    if not isinstance(run, KvmRun):
+        msg = f"run={run!r} must be a KvmRun"
+        raise TdxTypeError(msg, name="run", value=run)
+    if run.exit_reason == ExitReason.MEMORY_FAULT:
+        gpa, size = run.memory_fault.gpa, run.memory_fault.size
+        to_private = bool(run.memory_fault.flags & MEMORY_EXIT_FLAG_PRIVATE)
+        vm.set_memory_attributes(gpa, size, MemAttr.PRIVATE if to_private else 0)
+        if discard:
+            _discard(vm, gpa, size, to_private)
+        return
+    if run.exit_reason == ExitReason.HYPERCALL and run.hypercall.nr == HC.MAP_GPA_RANGE:
+        gpa, npages, attrs = run.hypercall.args[0], run.hypercall.args[1], run.hypercall.args[2]
+        to_private = bool(attrs & MAP_GPA_RANGE_ENCRYPTED)
+        try:
+            vm.set_memory_attributes(gpa, npages << PAGE_SHIFT, MemAttr.PRIVATE if to_private else 0)
+        except TdxError as e:
+            if getattr(e, "errno", None) is None:
+                raise
+            run.hypercall.ret = (-_errno.EINVAL) & ((1 << 64) - 1)
+            return
+        if discard:
+            _discard(vm, gpa, npages << PAGE_SHIFT, to_private)
+        run.hypercall.ret = 0
+        return
+    msg = f"run holds exit {run.exit_reason!r}, not MEMORY_FAULT or a MapGPA HYPERCALL"
+    raise TdxValueError(msg, name="run", value=int(run.exit_reason))

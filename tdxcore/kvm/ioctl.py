@@ -27,6 +27,31 @@ OK: Ret = (0, "")
 IOCTL_EVENT = ("ioctl", ("name", "vm", "errno"))
 
 
+#: The KVM layer's other event kinds: name → fields (after kind, actor).
+KVM_EVENT_KINDS = (
+    ("vm_bug", ("reason",)),                                   # KVM_BUG_ON: bugged and dead
+    ("vm_dead", ("reason",)),                                  # kvm_vm_dead
+    ("set_memory_attributes", ("start", "end", "attributes")),  # the store of a real change
+    ("fault", ("gpa", "private", "seq", "result")),            # one kvm_mmu_page_fault attempt
+    ("memory_fault_exit", ("gpa", "flags", "size")),           # KVM_EXIT_MEMORY_FAULT
+    ("guest_ve", ("gpa", "kind")),                             # a #VE delivered to the guest
+    ("guest_event", ("vector",)),                              # a queued interrupt delivered
+    ("invalidate_begin", ("start", "end", "in_progress")),      # mmu_invalidate begin + range_add
+    ("invalidate_end", ("start", "end", "seq")),               # mmu_invalidate end (after it)
+    ("kick", ("vcpus_in_guest",)),                             # KVM_REQ_OUTSIDE_GUEST_MODE to all
+)
+
+
+def register_kvm_events(host: Any) -> None:
+    """Declare the KVM layer's event kinds in ``host.events`` (idempotent)."""
+    ev = host.events
+    if IOCTL_EVENT[0] not in ev.kinds:
+        ev.register_kind(*IOCTL_EVENT)
+    for kind, fields in KVM_EVENT_KINDS:
+        if kind not in ev.kinds:
+            ev.register_kind(kind, fields)
+
+
 def fail(err: int, check: str) -> Ret:
     """Return ``(-err, check)``: the failing rule in upstream's words, as data."""
     return -err, check

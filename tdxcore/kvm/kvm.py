@@ -28,11 +28,15 @@ from tdxcore.constants import (
 )
 from tdxcore.errors import TdxTypeError, TdxValueError, check_int
 from tdxcore.kvm.gmem import GuestMemfd, kvm_gmem_get_supported_flags
-from tdxcore.kvm.ioctl import OK, Ret, fail, fd_call, ioctl
+from tdxcore.kvm.ioctl import OK, Ret, fail, fd_call, ioctl, register_kvm_events
+from tdxcore.kvm.policy import Policy
 from tdxcore.kvm.vcpu import Vcpu
 from tdxcore.kvm.vm import Vm
 
-__all__ = ["Kvm", "FdTable", "Memfd"]
+__all__ = ["Kvm", "FdTable", "Memfd", "STORE_BACKENDS"]
+
+#: Memory-attribute store backends (``AttributeStore(backend=...)``).
+STORE_BACKENDS = ("ranges", "xarray")
 
 #: Lowest fd number the table hands out.
 FIRST_FD = 3
@@ -92,6 +96,12 @@ class Kvm:
     ----------
     host : Host
         The machine (frames, user memory, events, the VM registry).
+    policy : Policy, optional
+        The retry policy every VM of this ``Kvm`` uses (default ``Policy.LINUX_6_18``; SPEC §4.1).
+    store : str
+        Backend of each VM's memory-attribute store: ``"ranges"`` (default) or ``"xarray"``.
+    terminate_vm : bool
+        Enable the opt-in ``KVM_TDX_TERMINATE_VM`` extension (not in 6.18; SPEC §3.2).
 
     Attributes
     ----------
@@ -110,17 +120,34 @@ class Kvm:
     VM_CLASSES: Dict[int, Type[Vm]] = {int(VmType.DEFAULT): Vm, int(VmType.SW_PROTECTED): Vm}
     # VmType.TDX is added by tdxcore.kvm.tdx_vm (imported by tdxcore.kvm)
 
-    def __init__(self, host: Any) -> None:
+    def __init__(self, host: Any, policy: Optional[Policy] = None, *, store: str = "ranges",
+                 terminate_vm: bool = False) -> None:
         if not hasattr(host, "register_vm") or not hasattr(host, "alloc_frame"):
             msg = f"host={host!r} must be a tdx.Host"
             raise TdxTypeError(msg, name="host", value=host)
+        if policy is None:
+            policy = Policy.LINUX_6_18
+        if not isinstance(policy, Policy):
+            msg = f"policy={policy!r} must be a tdx.Policy (e.g. Policy.LINUX_6_18)"
+            raise TdxTypeError(msg, name="policy", value=policy)
+        if store not in STORE_BACKENDS:
+            msg = f"store={store!r} must be one of {STORE_BACKENDS}"
+            raise TdxValueError(msg, name="store", value=store)
+        if not isinstance(terminate_vm, bool):
+            msg = f"terminate_vm={terminate_vm!r} must be a bool"
+            raise TdxTypeError(msg, name="terminate_vm", value=terminate_vm)
         self.host = host
+        self.policy: Policy = policy
+        self.store = store
+        self.terminate_vm_enabled = terminate_vm
+        register_kvm_events(host)
         self.fds = FdTable()
         self.fd = self.fds.install(self)
         self._nr_vms = 0
 
     def __repr__(self) -> str:
-        return f"Kvm(fd={self.fd}, open_fds={len(self.fds)}, vms_created={self._nr_vms})"
+        return (f"Kvm(fd={self.fd}, policy={self.policy.name}, store={self.store!r}, "
+                f"open_fds={len(self.fds)}, vms_created={self._nr_vms})")
 
     def state_hash(self) -> int:
         """Stable 64-bit hash of the KVM layer's state (blake2b, digest 8, little-endian).

@@ -291,6 +291,11 @@ def kvm_set_memslot(vm: "Vm", old: Optional[Memslot], new: Optional[Memslot],
         assert old is not None
         old.invalid = True
         yield PREEMPT
+        # synchronize_srcu: wait for every vCPU still handling an exit under the old slots
+        owner = yield Wait(vm.srcu, WRITE)
+        vm.srcu.release(owner, WRITE)
+        # kvm_arch_flush_shadow_memslot: no mapping of the old slot may survive it
+        yield from vm.kvm_arch_flush_shadow_memslot(old)
     if change is MrChange.DELETE:
         assert old is not None
         if old.gmem is not None:

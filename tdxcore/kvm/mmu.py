@@ -23,7 +23,7 @@ from tdxcore.constants import PG_LEVEL_4K
 from tdxcore.errors import HostError
 from tdxcore.sched import READ, WRITE, KLock, Wait
 
-__all__ = ["SpteState", "MirrorOps", "MirrorMmu", "gfn_round_for_level"]
+__all__ = ["SpteState", "MirrorOps", "MirrorMmu", "DirectMmu", "gfn_round_for_level"]
 
 #: Entries per page-table page (9 index bits per level).
 _PT_SHIFT = 9
@@ -44,8 +44,10 @@ def gfn_round_for_level(gfn: int, pg_level: int) -> int:
 class MirrorOps(Protocol):
     """The mirror hooks (``kvm_x86_ops``) plus the page allocator for external page tables."""
 
-    def link_external_spt(self, gfn: int, pg_level: int, spt: int) -> int: ...  # noqa: D102
-    def set_external_spte(self, gfn: int, pg_level: int, pfn: int) -> int: ...  # noqa: D102
+    def link_external_spt(self, gfn: int, pg_level: int,  # noqa: D102
+                          spt: int) -> Generator[Any, Any, int]: ...
+    def set_external_spte(self, gfn: int, pg_level: int,  # noqa: D102
+                          pfn: int) -> Generator[Any, Any, int]: ...
     def remove_external_spte(self, gfn: int, pg_level: int,  # noqa: D102
                              pfn: int) -> Generator[Any, Any, int]: ...
     def free_external_spt(self, gfn: int, pg_level: int, spt: int) -> int: ...  # noqa: D102
@@ -62,6 +64,8 @@ class MirrorMmu:
         ``pg_level`` of the root (4 for a 4-level EPT, GPAW 48; 5 for GPAW 52).
     ops : MirrorOps
         The hooks.
+    mmu_lock : KLock, optional
+        The VM's ``kvm->mmu_lock`` (a new one if not given, for standalone use).
 
     Attributes
     ----------
@@ -69,10 +73,10 @@ class MirrorMmu:
         ``kvm->mmu_lock``: READ to map, WRITE to zap.
     """
 
-    def __init__(self, root_level: int, ops: MirrorOps) -> None:
+    def __init__(self, root_level: int, ops: MirrorOps, mmu_lock: Optional[KLock] = None) -> None:
         self.root_level = root_level
         self.ops = ops
-        self.mmu_lock = KLock("mmu_lock")
+        self.mmu_lock = mmu_lock if mmu_lock is not None else KLock("mmu_lock")
         # (pg_level of the SPTE, first gfn it covers) -> (external page, state)
         self._nonleaf: Dict[Tuple[int, int], Tuple[int, SpteState]] = {}
         # gfn -> (pfn, state) for 4K leaves
@@ -93,6 +97,15 @@ class MirrorMmu:
         """``(pg_level, gfn, spt)`` of every present non-leaf SPTE, root level first."""
         return tuple(sorted(((lv, g, p) for (lv, g), (p, s) in self._nonleaf.items()
                              if s == SpteState.PRESENT), key=lambda t: (-t[0], t[1])))
+
+    def leaves_in(self, start: int, end: int) -> List[int]:
+        """Gfns in ``[start, end)`` with a leaf SPTE (present or frozen), ascending.
+
+        O(min(range, leaves)): a huge range walks the leaves, a small one the range.
+        """
+        if end - start > len(self._leaves):
+            return sorted(g for g in self._leaves if start <= g < end)
+        return [g for g in range(start, end) if g in self._leaves]
 
     def gfn_of_pfn(self, pfn: int) -> Optional[int]:
         """Return the gfn whose leaf maps ``pfn`` (None if none)."""
@@ -129,11 +142,12 @@ class MirrorMmu:
         """
         owner = yield Wait(self.mmu_lock, READ)
         try:
-            return self._map_private_locked(gfn, pfn)
+            return (yield from self.map_private_locked(gfn, pfn))
         finally:
             self.mmu_lock.release(owner, READ)
 
-    def _map_private_locked(self, gfn: int, pfn: int) -> int:
+    def map_private_locked(self, gfn: int, pfn: int) -> Generator[Any, Any, int]:
+        """:meth:`map_private` for a caller that holds ``mmu_lock`` for read (the fault path)."""
         for lv in range(self.root_level, PG_LEVEL_4K, -1):
             key = (lv, gfn_round_for_level(gfn, lv))
             cur = self._nonleaf.get(key)
@@ -146,7 +160,7 @@ class MirrorMmu:
             except HostError:
                 return -_errno.ENOMEM
             self._nonleaf[key] = (spt, SpteState.FROZEN)
-            ret = self.ops.link_external_spt(key[1], lv, spt)
+            ret = yield from self.ops.link_external_spt(key[1], lv, spt)
             if ret:
                 del self._nonleaf[key]
                 self.ops.free_spt(spt)
@@ -158,7 +172,7 @@ class MirrorMmu:
                 return -_errno.EBUSY
             return 0 if cur[0] == pfn else -_errno.EEXIST
         self._leaves[gfn] = (pfn, SpteState.FROZEN)
-        ret = self.ops.set_external_spte(gfn, PG_LEVEL_4K, pfn)
+        ret = yield from self.ops.set_external_spte(gfn, PG_LEVEL_4K, pfn)
         if ret:
             del self._leaves[gfn]
             return ret
@@ -174,11 +188,12 @@ class MirrorMmu:
         """
         owner = yield Wait(self.mmu_lock, WRITE)
         try:
-            return (yield from self._zap_private_leaf_locked(gfn))
+            return (yield from self.zap_private_leaf_locked(gfn))
         finally:
             self.mmu_lock.release(owner, WRITE)
 
-    def _zap_private_leaf_locked(self, gfn: int) -> Generator[Any, Any, int]:
+    def zap_private_leaf_locked(self, gfn: int) -> Generator[Any, Any, int]:
+        """:meth:`zap_private_leaf` for a caller that holds ``mmu_lock`` for write."""
         cur = self._leaves.get(gfn)
         if cur is None or cur[1] != SpteState.PRESENT:
             return 0
@@ -195,7 +210,7 @@ class MirrorMmu:
         try:
             out = []
             for gfn in sorted(g for g, (_, s) in self._leaves.items() if s == SpteState.PRESENT):
-                out.append((yield from self._zap_private_leaf_locked(gfn)))
+                out.append((yield from self.zap_private_leaf_locked(gfn)))
             return out
         finally:
             self.mmu_lock.release(owner, WRITE)
@@ -211,3 +226,46 @@ class MirrorMmu:
             out.append(self.ops.free_external_spt(g, lv, spt))
         self._nonleaf.clear()
         return out
+
+
+class DirectMmu:
+    """A VM's direct (shared) TDP root: gfn → host frame of its userspace page (SPEC §3.3).
+
+    For a TD these are the mappings of shared GPAs (shared bit set; KVM keys them by the gfn
+    without it here, the root being implied). Changed only under ``mmu_lock``: installs with it
+    held for read (the fault path), zaps for write (attribute changes to private, MMU-notifier
+    invalidations of the userspace range, memslot deletion).
+    """
+
+    def __init__(self) -> None:
+        self._map: Dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def get(self, gfn: int) -> Optional[int]:
+        """Return the frame mapped at ``gfn``, or None."""
+        return self._map.get(gfn)
+
+    def install(self, gfn: int, pfn: int) -> None:
+        """Map ``gfn`` → ``pfn`` (caller holds ``mmu_lock``)."""
+        self._map[gfn] = pfn
+
+    def zap_range(self, start: int, end: int) -> int:
+        """Drop every mapping in ``[start, end)`` (caller holds ``mmu_lock`` for write); return how many."""
+        if end - start > len(self._map):
+            victims = [g for g in self._map if start <= g < end]
+        else:
+            victims = [g for g in range(start, end) if g in self._map]
+        for g in victims:
+            del self._map[g]
+        return len(victims)
+
+    def items(self) -> Tuple[Tuple[int, int], ...]:
+        """``(gfn, pfn)`` pairs, ascending."""
+        return tuple(sorted(self._map.items()))
+
+    def state_bytes(self) -> bytes:
+        """``<Q`` count then ``<QQ`` (gfn, pfn) ascending."""
+        return struct.pack("<Q", len(self._map)) + b"".join(
+            struct.pack("<QQ", g, p) for g, p in sorted(self._map.items()))

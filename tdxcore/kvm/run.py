@@ -8,12 +8,12 @@ other payloads keep stale values, as the real shared page does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 from tdxcore.constants import ExitReason
 
-__all__ = ["KvmRun", "GuestEvent", "MemoryFault", "Hypercall", "TdxExit", "GetQuote", "GetTdvmcallInfo",
-           "SetupEventNotify", "SystemEvent", "Io", "Mmio"]
+__all__ = ["KvmRun", "GuestEvent", "VeInfo", "Interrupt", "MemoryFault", "Hypercall", "TdxExit", "GetQuote",
+           "GetTdvmcallInfo", "SetupEventNotify", "SystemEvent", "Io", "Mmio"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,24 @@ class GuestEvent:
     outputs: Tuple[int, ...]
     value: Optional[int]
     ve: Optional[object]
+
+
+class VeInfo(NamedTuple):
+    """A #VE the guest took during an op (``GuestEvent.ve``): exit reason, GPA, and why.
+
+    ``kind`` is ``"pending"`` (an unaccepted private page; the default handler accepted it) or
+    ``"mmio"`` (a shared GPA with no memslot; the handler asked by TDVMCALL<MMIO>).
+    """
+
+    exit_reason: int
+    gpa: int
+    kind: str
+
+
+class Interrupt(NamedTuple):
+    """``GuestEvent.op`` of a delivered ``vcpu.queue_interrupt(vector)`` (not a program op)."""
+
+    vector: int
 
 
 class _Payload:

@@ -7,10 +7,10 @@
   -EBUSY, else KVM_BUG, -EIO).
 * ``remove_external_spte`` → :func:`tdx_sept_remove_private_spte`: the zap, BLOCK → ``tdx_track``
   (TRACK + kick all vCPUs) → REMOVE → WBINVD(hkid) → clear (erratum hosts only). BLOCK, TRACK and
-  REMOVE get 6.18's one retry: on BUSY set ``wait_for_sept_zap``, kick every vCPU out of the guest
-  (:class:`~tdxcore.sched.WaitOutOfGuest`), retry once, clear the flag; a second failure is a
-  KVM_BUG. Before finalize, BLOCK answering ``EPT_ENTRY_STATE_INCORRECT|RCX`` for a premapped page
-  that was never PAGE.ADDed decrements ``nr_premapped`` and succeeds. A page that cannot be
+  REMOVE get the policy's retry (:mod:`tdxcore.kvm.policy`; 6.18: on BUSY set ``wait_for_sept_zap``,
+  kick every vCPU out of the guest, retry once, clear the flag); a failure after it is a KVM_BUG.
+  Before finalize, BLOCK answering ``EPT_ENTRY_STATE_INCORRECT|RCX`` for a premapped page that was
+  never PAGE.ADDed decrements ``nr_premapped`` and succeeds. A page that cannot be
   removed stays pinned: it is recorded as a ``private`` leak (tdx-facts §5.8).
 * ``free_external_spt`` → :func:`tdx_sept_free_private_spt`: only after the HKID is released
   (else KVM_BUG, page leaked); TDH.PHYMEM.PAGE.RECLAIM + clear (erratum) + free; failure → leak.
@@ -24,10 +24,10 @@ Counters (``host.stats``): ``nr_zap_busy_retries`` (a zap SEAMCALL retried after
 from __future__ import annotations
 
 import errno as _errno
-from typing import TYPE_CHECKING, Any, Callable, Generator
+from typing import TYPE_CHECKING, Any, Generator
 
 from tdxcore.constants import PAGE_SHIFT, PG_LEVEL_4K
-from tdxcore.sched import WaitOutOfGuest
+from tdxcore.kvm.policy import kick_all_vcpus
 from tdxcore.status import (  # type: ignore[attr-defined]
     OPERAND_ID_RCX,
     TDX_EPT_ENTRY_STATE_INCORRECT,
@@ -55,10 +55,16 @@ def _is_busy(res: Any) -> bool:
     return bool(res.status.base == TDX_OPERAND_BUSY)
 
 
-def tdx_sept_link_private_spt(vm: "TdxVm", gfn: int, pg_level: int, spt: int) -> int:
-    """``tdx_sept_link_private_spt``: TDH.MEM.SEPT.ADD at ``pg_level - 1``; 0, -EBUSY or -EIO."""
-    assert vm.tdr is not None
-    res = vm.kvm.host.tdx.tdh_mem_sept_add(vm.tdr, _gpa(gfn), pg_level_to_tdx_sept_level(pg_level), spt)
+def tdx_sept_link_private_spt(vm: "TdxVm", gfn: int, pg_level: int, spt: int) -> Generator[Any, Any, int]:
+    """``tdx_sept_link_private_spt``: TDH.MEM.SEPT.ADD at ``pg_level - 1``; 0, -EBUSY or -EIO.
+
+    The SEAMCALL goes through the policy's map-path wrapper (6.18: once; 2023: retried while
+    BUSY|SEPT_TREE).
+    """
+    tdr = vm.tdr
+    assert tdr is not None
+    t, gpa, level = vm.kvm.host.tdx, _gpa(gfn), pg_level_to_tdx_sept_level(pg_level)
+    res = yield from vm.policy.map_seamcall(vm, lambda: t.tdh_mem_sept_add(tdr, gpa, level, spt))
     if res.status == TDX_SUCCESS:
         return 0
     if _is_busy(res):
@@ -67,7 +73,7 @@ def tdx_sept_link_private_spt(vm: "TdxVm", gfn: int, pg_level: int, spt: int) ->
     return -_errno.EIO
 
 
-def tdx_sept_set_private_spte(vm: "TdxVm", gfn: int, pg_level: int, pfn: int) -> int:
+def tdx_sept_set_private_spte(vm: "TdxVm", gfn: int, pg_level: int, pfn: int) -> Generator[Any, Any, int]:
     """``tdx_sept_set_private_spte``: premap before finalize, TDH.MEM.PAGE.AUG when RUNNABLE."""
     from tdxcore.kvm.tdx_vm import TdState
 
@@ -77,8 +83,10 @@ def tdx_sept_set_private_spte(vm: "TdxVm", gfn: int, pg_level: int, pfn: int) ->
     if vm.td_state != TdState.RUNNABLE:
         vm.nr_premapped += 1
         return 0
-    assert vm.tdr is not None
-    res = vm.kvm.host.tdx.tdh_mem_page_aug(vm.tdr, _gpa(gfn), pg_level_to_tdx_sept_level(pg_level), pfn)
+    tdr = vm.tdr
+    assert tdr is not None
+    t, gpa, level = vm.kvm.host.tdx, _gpa(gfn), pg_level_to_tdx_sept_level(pg_level)
+    res = yield from vm.policy.map_seamcall(vm, lambda: t.tdh_mem_page_aug(tdr, gpa, level, pfn))
     if res.status == TDX_SUCCESS:
         return 0
     if _is_busy(res):
@@ -87,29 +95,8 @@ def tdx_sept_set_private_spte(vm: "TdxVm", gfn: int, pg_level: int, pfn: int) ->
     return -_errno.EIO
 
 
-def _kick(vm: "TdxVm") -> Generator[Any, Any, None]:
-    """``kvm_make_all_cpus_request(KVM_REQ_OUTSIDE_GUEST_MODE)``: wait until no vCPU is in the guest."""
-    t = vm.kvm.host.tdx
-    vm.kvm.host.count("nr_kicks")
-    yield WaitOutOfGuest([t.vcpu(v.tdvpr) for v in vm.vcpus if v.tdvpr is not None])
-
-
-def _zap_seamcall(vm: "TdxVm", call: Callable[[], Any]) -> Generator[Any, Any, Any]:
-    """6.18's no-vCPU retry: try once; on BUSY block entry, kick, retry once, unblock."""
-    res = call()
-    if _is_busy(res):
-        vm.kvm.host.count("nr_zap_busy_retries")
-        vm.wait_for_sept_zap = True          # tdx_no_vcpus_enter_start
-        try:
-            yield from _kick(vm)
-            res = call()
-        finally:
-            vm.wait_for_sept_zap = False     # tdx_no_vcpus_enter_stop
-    return res
-
-
 def tdx_track(vm: "TdxVm") -> Generator[Any, Any, None]:
-    """``tdx_track``: no-op before finalize; TDH.MEM.TRACK (no-vCPU retry; failure → KVM_BUG), kick."""
+    """``tdx_track``: no-op before finalize; TDH.MEM.TRACK (policy retry; failure → KVM_BUG), kick."""
     from tdxcore.kvm.tdx_vm import TdState
 
     if vm.td_state != TdState.RUNNABLE:
@@ -117,10 +104,10 @@ def tdx_track(vm: "TdxVm") -> Generator[Any, Any, None]:
     t = vm.kvm.host.tdx
     tdr = vm.tdr
     assert tdr is not None
-    res = yield from _zap_seamcall(vm, lambda: t.tdh_mem_track(tdr))
+    res = yield from vm.policy.track(vm, lambda: t.tdh_mem_track(tdr))
     if res.status != TDX_SUCCESS:
         vm.bug(f"TDH.MEM.TRACK: {res.status.name}")
-    yield from _kick(vm)
+    yield from kick_all_vcpus(vm)
 
 
 def tdx_sept_remove_private_spte(vm: "TdxVm", gfn: int, pg_level: int,
@@ -128,11 +115,15 @@ def tdx_sept_remove_private_spte(vm: "TdxVm", gfn: int, pg_level: int,
     """``tdx_sept_remove_private_spte`` (6.18): zap one private 4K page (caller holds mmu_lock write).
 
     Returns 0 or -errno; on -EIO the VM is bugged and ``pfn`` is recorded as a ``private`` leak.
+    On a TD whose HKID KVM_TDX_TERMINATE_VM released (the opt-in extension), the page is
+    reclaimed directly instead (:func:`tdx_reclaim_terminated_private_page`).
     """
     from tdxcore.kvm.tdx_vm import TdState
 
     host = vm.kvm.host
     t = host.tdx
+    if vm.hkid is None and vm.tdr is not None and getattr(vm, "terminated", False):
+        return tdx_reclaim_terminated_private_page(vm, gfn, pg_level, pfn)
     if vm.hkid is None or vm.tdr is None:
         vm.bug(f"remove_external_spte gfn={gfn:#x} without an HKID")
         vm._leak(pfn, "private", "zap without an HKID")
@@ -143,7 +134,7 @@ def tdx_sept_remove_private_spte(vm: "TdxVm", gfn: int, pg_level: int,
         return -_errno.EINVAL
     tdr, hkid, gpa, level = vm.tdr, vm.hkid, _gpa(gfn), pg_level_to_tdx_sept_level(pg_level)
     # tdx_sept_zap_private_spte
-    res = yield from _zap_seamcall(vm, lambda: t.tdh_mem_range_block(tdr, gpa, level))
+    res = yield from vm.policy.zap_seamcall(vm, lambda: t.tdh_mem_range_block(tdr, gpa, level))
     if res.status != TDX_SUCCESS:
         if (vm.td_state != TdState.RUNNABLE and vm.nr_premapped > 0
                 and res.status == TDX_EPT_ENTRY_STATE_INCORRECT | OPERAND_ID_RCX):
@@ -155,7 +146,7 @@ def tdx_sept_remove_private_spte(vm: "TdxVm", gfn: int, pg_level: int,
         return -_errno.EIO
     yield from tdx_track(vm)
     # tdx_sept_drop_private_spte
-    res = yield from _zap_seamcall(vm, lambda: t.tdh_mem_page_remove(tdr, gpa, level))
+    res = yield from vm.policy.zap_seamcall(vm, lambda: t.tdh_mem_page_remove(tdr, gpa, level))
     if res.status != TDX_SUCCESS:
         vm.bug(f"TDH.MEM.PAGE.REMOVE gfn={gfn:#x}: {res.status.name}")
         vm._leak(pfn, "private", f"TDH.MEM.PAGE.REMOVE: {res.status.name}")
@@ -192,11 +183,11 @@ class TdxMirrorOps:
     def __init__(self, vm: "TdxVm") -> None:
         self.vm = vm
 
-    def link_external_spt(self, gfn: int, pg_level: int, spt: int) -> int:
+    def link_external_spt(self, gfn: int, pg_level: int, spt: int) -> Generator[Any, Any, int]:
         """See :func:`tdx_sept_link_private_spt`."""
         return tdx_sept_link_private_spt(self.vm, gfn, pg_level, spt)
 
-    def set_external_spte(self, gfn: int, pg_level: int, pfn: int) -> int:
+    def set_external_spte(self, gfn: int, pg_level: int, pfn: int) -> Generator[Any, Any, int]:
         """See :func:`tdx_sept_set_private_spte`."""
         return tdx_sept_set_private_spte(self.vm, gfn, pg_level, pfn)
 
@@ -218,3 +209,24 @@ class TdxMirrorOps:
     def free_spt(self, spt: int) -> None:
         """Give an unused external page back (its SEPT.ADD failed)."""
         self.vm.kvm.host.free_frame(spt)
+
+def tdx_reclaim_terminated_private_page(vm: "TdxVm", gfn: int, pg_level: int, pfn: int) -> int:
+    """Zap a private page of a terminated TD: one TDH.PHYMEM.PAGE.RECLAIM (+ reset on erratum hosts).
+
+    The extension's branch of ``tdx_sept_remove_private_spte`` (KVM_TDX_TERMINATE_VM series,
+    v4 e4775f57ad51 / 5/5 of Jul 2025; not in 6.18): once the HKID is released the TD is in
+    TEARDOWN, the module no longer translates through its S-EPT and CACHE.WB already wrote
+    back every line of the HKID, so no BLOCK, TRACK, kick, REMOVE or per-page WBINVD is needed
+    (``tdx_reclaim_page``: RECLAIM, then ``tdx_quirk_reset_page``). 5/5's sanity check
+    ("HKID assigned or TD terminated") is the caller's condition. A 2M/1G leaf cannot exist
+    (4K only): KVM_BUG, leaked. A failed RECLAIM is only a WARN upstream and the page stays
+    pinned: here it is recorded as a ``private`` leak and -EIO returned, the VM not bugged.
+    """
+    del gfn
+    if pg_level != PG_LEVEL_4K:
+        vm.bug(f"remove_external_spte at pg_level {pg_level} on a terminated TD")
+        vm._leak(pfn, "private", "zap of a huge page")
+        return -_errno.EINVAL
+    if not vm._reclaim_page(pfn, "private"):
+        return -_errno.EIO
+    return 0

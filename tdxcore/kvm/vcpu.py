@@ -17,28 +17,20 @@ import enum
 import errno as _errno
 import struct
 from collections import deque
-from typing import TYPE_CHECKING, Any, Deque, Generator, Iterable, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Generator, Iterable, List, NamedTuple, Optional, Tuple
 
 from tdxcore import guest as _guest
-from tdxcore.constants import EXIT_REASON_TDCALL, PAGE_SHIFT, PAGE_SIZE, ExitReason
+from tdxcore.constants import PAGE_SHIFT, PAGE_SIZE, ExitReason
 from tdxcore.errors import TdxTypeError, check_int
 from tdxcore.kvm.ioctl import OK, Ret, ebadf, fail, fd_call, ioctl
-from tdxcore.kvm.run import GuestEvent, KvmRun
-from tdxcore.sched import PREEMPT, WRITE, KLock, Wait
-from tdxcore.status import TDX_OPERAND_BUSY  # type: ignore[attr-defined]
+from tdxcore.kvm.run import GuestEvent, KvmRun, VeInfo
+from tdxcore.kvm.vcpu_run import SEPT_ZAP_MAX_WAITS, VP_ENTER_MAX_BUSY, vcpu_run
+from tdxcore.sched import WRITE, KLock, Wait
 
 if TYPE_CHECKING:
     from tdxcore.kvm.tdx_vm import TdxVm
 
 __all__ = ["Vcpu", "VcpuTdState", "MemRegion", "VP_ENTER_MAX_BUSY", "SEPT_ZAP_MAX_WAITS"]
-
-#: Bound on back-to-back VP.ENTER attempts that return OPERAND_BUSY within one ``run()`` (upstream
-#: re-enters from the fastpath without a bound; the model bounds it so a livelock becomes a
-#: KVM_BUG and EIO instead of a hang). Each retry yields PREEMPT so the holder can finish.
-VP_ENTER_MAX_BUSY = 1000
-#: Bound on PREEMPT yields while ``vm.wait_for_sept_zap`` refuses entry within one ``run()``.
-SEPT_ZAP_MAX_WAITS = 64
-
 
 class MemRegion(NamedTuple):
     """``struct kvm_tdx_init_mem_region`` as written back.
@@ -95,6 +87,16 @@ class Vcpu:
         self._signal = False                           # raise_signal() pending
         self._enter_op: Optional[Any] = None           # the VP.ENTER op while in the guest
         self._counters: dict[str, int] = {}
+        self._events: Deque[int] = deque()             # queue_interrupt() vectors not yet delivered
+        self._ve_ops: Deque[Any] = deque()             # the #VE handler's ops, before the queue head
+        self._head_ve: Optional[VeInfo] = None         # the #VE the queue head took, for its log
+        self._last_accept_status = 0
+        self._kick_pending = False                     # a kick's IPI not yet taken
+        self.actor = f"vm{vm.id}.vcpu{vcpu_id}"
+        #: What the next ``run()`` does first with userspace's answer to the last exit
+        #: (``complete_userspace_io`` of upstream): ``fn(vcpu) -> Optional[Ret]`` — None resumes
+        #: the guest, a Ret exits to userspace again (e.g. the next MapGPA chunk).
+        self.completion: Optional[Callable[["Vcpu"], Optional[Ret]]] = None
 
     def __repr__(self) -> str:
         return (f"Vcpu(vm={self.vm.id}, id={self.vcpu_id}, fd={self.fd}, {self.state.name}, "
@@ -238,14 +240,14 @@ class Vcpu:
             EINVAL (in order): no HKID / TD RUNNABLE, ``hw_error``, vCPU not INITIALIZED, gpa not
             page aligned, ``nr_pages`` 0, ``gpa + nr_pages * 4096`` wraps, first or last GPA
             shared; per page: no memslot with GUEST_MEMFD (EINVAL), its guest_memfd closed
-            (EFAULT), page already populated (EEXIST), short ``source`` (EFAULT), PAGE.ADD BUSY
+            (EFAULT), page already populated (EEXIST), gfn not PRIVATE (EINVAL), short ``source``
+            (EFAULT), PAGE.ADD BUSY
             (EBUSY) or error (EIO), MR.EXTEND error (EIO), mirror map KVM_BUG (EIO).
 
         Notes
         -----
         ``tdx_vcpu_init_mem_region`` → ``kvm_gmem_populate`` → ``tdx_gmem_post_populate``
-        (6.18); tdx-facts §5.5. The PRIVATE memory attribute is not checked yet (the attribute
-        store arrives with the memory issue).
+        (6.18); tdx-facts §5.5.
         """
         if not isinstance(source, (bytes, bytearray, memoryview)):
             msg = f"source must be bytes-like, not {type(source).__name__}"
@@ -321,8 +323,8 @@ class Vcpu:
             raise TdxTypeError(msg, name="ops", value=type(ops).__name__)
         out = tuple(ops)        # an iterator is consumed now: the queue holds immutable ops
         for i, o in enumerate(out):
-            if not isinstance(o, (_guest.Read, _guest.Write, _guest.Hlt)):
-                msg = f"ops[{i}]={o!r} is not a guest op (tdxcore.guest.read/write/hlt)"
+            if not isinstance(o, _guest.OPS):
+                msg = f"ops[{i}]={o!r} is not a guest op (tdxcore.guest)"
                 raise TdxTypeError(msg, name="ops", value=type(o).__name__)
         return out
 
@@ -382,91 +384,50 @@ class Vcpu:
             if self.state != VcpuTdState.INITIALIZED or self.tdvpr is None:
                 return fail(_errno.EINVAL, f"vCPU {self.vcpu_id} is not initialized")
             self._queue.extend(new)
-            return (yield from self._vcpu_run())
+            return (yield from vcpu_run(self))
         finally:
             self.mutex.release(owner, WRITE)
 
-    def _vcpu_run(self) -> Generator[Any, Any, Ret]:
-        vm = self.vm
-        tdx = vm.kvm.host.tdx
-        waits = busy = 0
-        actor = f"vm{vm.id}.vcpu{self.vcpu_id}"
-        while True:
-            if self._signal:
-                self._signal = False
-                self._count("nr_signal_exits")
-                return self._set_exit(ExitReason.INTR, -_errno.EINTR)
-            if vm.is_dead:
-                return fail(_errno.EIO, f"VM {vm.id} is dead ({vm.bug_reason or 'killed'})")
-            if vm.wait_for_sept_zap:
-                # tdx_vcpu_run: no entry while a zap retries after BUSY; vcpu_run loops
-                if waits >= SEPT_ZAP_MAX_WAITS:
-                    return self._set_exit(ExitReason.INTR, -_errno.EINTR)
-                waits += 1
-                self._count("nr_sept_zap_waits")
-                yield PREEMPT
-                continue
-            assert self.tdvpr is not None
-            cpu = tdx.vcpu(self.tdvpr).associated_cpu
-            op = tdx.vp_enter(self.tdvpr, cpu=cpu, actor=actor)
-            if not op.acquired:
-                status = op.result.status
-                if status.base == TDX_OPERAND_BUSY:
-                    busy += 1
-                    self._count("nr_vp_enter_busy")
-                    if busy > VP_ENTER_MAX_BUSY:
-                        vm.bug(f"TDH.VP.ENTER BUSY {busy} times in a row")
-                        return fail(_errno.EIO, f"TDH.VP.ENTER stayed BUSY ({busy} tries): KVM_BUG")
-                    yield PREEMPT
-                    continue
-                # tdx_handle_exit: an error status is an unexpected exit
-                self._count("nr_entry_failures")
-                return self._set_exit(ExitReason.INTERNAL_ERROR, 0)
-            self._enter_op = op
-            try:
-                op.enter()
-                self._count("nr_entries")
-                return (yield from self._guest(op))
-            finally:
-                if op.in_guest:             # the actor was closed while in the guest
-                    op.exit(EXIT_REASON_TDCALL, rip=self._next_index)
-                self._enter_op = None
-
-    def _set_exit(self, reason: ExitReason, ret: int) -> Ret:
+    def set_exit(self, reason: ExitReason, ret: int = 0) -> Ret:
+        """Set ``kvm_run.exit_reason`` and ``kvm_run.ret``; return the Ret that makes KVM_RUN return."""
         self.kvm_run.exit_reason = reason
         self.kvm_run.ret = ret
         return OK
 
-    def _log(self, gop: Any, status: Optional[int], value: Optional[int]) -> None:
-        self.guest_log.append(GuestEvent(self._next_index, gop, status, 0, (), value, None))
-        self._queue.popleft()
+    def complete_op(self, status: Optional[int] = None, r11: int = 0, outputs: Tuple[int, ...] = (),
+                    value: Optional[int] = None, ve: Optional[Any] = None) -> None:
+        """Complete the guest op at the head of the queue: log what the guest saw, advance the RIP."""
+        gop = self._queue.popleft()
+        self.guest_log.append(GuestEvent(self._next_index, gop, status, r11, outputs, value, ve))
         self._next_index += 1
 
-    def _guest(self, op: Any) -> Generator[Any, Any, Ret]:
-        """Execute queued guest ops until one needs an exit (the vCPU is in the guest)."""
-        vm = self.vm
-        host = vm.kvm.host
-        while self._queue:
-            yield PREEMPT                   # in the guest: other actors run, kicks wait
-            gop = self._queue[0]
-            if isinstance(gop, _guest.Hlt):
-                # TDG.VP.VMCALL<Instruction.HLT>: R10 = 0, R11 = 12 → EXIT_REASON_HLT
-                op.exit(EXIT_REASON_TDCALL, rip=self._next_index)
-                self._log(gop, 0, None)
-                return self._set_exit(ExitReason.HLT, 0)
-            gfn = gop.gpa >> PAGE_SHIFT
-            leaf = vm.mmu.leaf(gfn)
-            if gop.gpa & (1 << (vm.gpaw - 1)) or leaf is None or vm.hkid is None:
-                op.exit(EXIT_REASON_TDCALL, rip=self._next_index)
-                return fail(_errno.EINVAL, f"guest op {self._next_index} touches gpa {gop.gpa:#x}, which is "
-                            "shared or not mapped (faults are not modelled yet)")
-            off = gop.gpa & (PAGE_SIZE - 1)
-            if isinstance(gop, _guest.Read):
-                data = host.frame_read(leaf[0], off, gop.size, vm.hkid)
-                self._log(gop, None, int.from_bytes(data, "little"))
-            else:
-                host.frame_write(leaf[0], off, gop.value.to_bytes(gop.size, "little"), vm.hkid)
-                self._log(gop, None, None)
-        # an empty queue: the guest halts (no op is logged)
-        op.exit(EXIT_REASON_TDCALL, rip=self._next_index)
-        return self._set_exit(ExitReason.HLT, 0)
+    def _take_head_ve(self) -> Optional[VeInfo]:
+        ve, self._head_ve = self._head_ve, None
+        return ve
+
+    # ------------------------------------------------------------------ events
+    def queue_interrupt(self, vector: int) -> None:
+        """Make an interrupt pending (SPEC §3.3).
+
+        It stops the local retry loop and MapGPA between chunks, and is delivered (logged in
+        ``guest_log``, guest progress for zero-step) at the next VP.ENTER.
+        """
+        self._events.append(check_int("vector", vector, 0, 256))
+
+    def kick(self) -> None:
+        """``kvm_vcpu_kick``: an IPI to a vCPU in the guest.
+
+        It takes an external-interrupt exit at its next step (KVM handles it and re-enters, unless
+        ``wait_for_sept_zap`` refuses the entry).
+        """
+        self._kick_pending = True
+
+    @property
+    def has_pending_event(self) -> bool:
+        """``kvm_vcpu_has_events`` for the model: a queued interrupt not yet delivered."""
+        return bool(self._events)
+
+    @property
+    def has_pending_signal(self) -> bool:
+        """Whether :meth:`raise_signal` is pending (``signal_pending(current)``)."""
+        return self._signal

@@ -15,26 +15,36 @@ from __future__ import annotations
 
 import errno as _errno
 import struct
-from typing import TYPE_CHECKING, Any, Generator, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Generator, List, Optional, Union
 
+from tdxcore._invalidate import InvalidateTracker
+from tdxcore._xarray import AttributeStore
 from tdxcore.constants import (
     KVM_EXIT_HYPERCALL_VALID_MASK,
     KVM_MAX_NR_ADDRESS_SPACES,
     KVM_MAX_VCPUS,
     MAX_NR_RESERVED_IOAPIC_PINS,
+    PAGE_SHIFT,
+    PAGE_SIZE,
     Cap,
     VmType,
 )
 from tdxcore.errors import TdxTypeError, TdxValueError, check_int
+from tdxcore.kvm import attributes as _attributes
 from tdxcore.kvm.gmem import GuestMemfd, kvm_gmem_create
 from tdxcore.kvm.ioctl import OK, Ret, ebadf, fail, fd_call, ioctl
-from tdxcore.kvm.memslot import Memslots, UserMemoryRegion, kvm_set_memory_region
+from tdxcore.kvm.memslot import Memslot, Memslots, UserMemoryRegion, kvm_set_memory_region
+from tdxcore.kvm.mmu import DirectMmu
+from tdxcore.kvm.policy import Policy
 from tdxcore.sched import WRITE, KLock, Wait
 
 if TYPE_CHECKING:
     from tdxcore.kvm.kvm import Kvm
 
-__all__ = ["Vm"]
+__all__ = ["Vm", "HOOK_POINTS"]
+
+#: Points where :meth:`Vm.add_hook` observers run.
+HOOK_POINTS = ("pre_set_memory_attributes", "post_set_memory_attributes")
 
 
 def _u(name: str, value: Any, bits: int) -> int:
@@ -66,7 +76,19 @@ class Vm:
         self.id = vm_id
         self.slots_lock = KLock("slots_lock")
         self.lock = KLock("kvm->lock")
+        self.mmu_lock = KLock("mmu_lock")
+        #: ``kvm->srcu``: vCPUs hold it for read while they handle an exit; a memslot delete or
+        #: move waits for those readers (``synchronize_srcu``) after marking the slot invalid.
+        self.srcu = KLock("kvm->srcu")
         self.memslots = Memslots()
+        self.policy: Policy = kvm.policy
+        self.mem_attr = AttributeStore(kvm.store)      # kvm->mem_attr_array
+        self.mmu_invalidate = InvalidateTracker()       # kvm->mmu_invalidate_*
+        self.direct = DirectMmu()                       # the shared (direct) root's leaves
+        self._hooks: Dict[str, List[Callable[..., Any]]] = {}
+        self._counters: Dict[str, int] = {}
+        self._mn_begun: List[bool] = []                 # per open MMU-notifier invalidation
+        self.nr_open_invalidations = 0                  # begun by this VM's code, not yet ended
         self._refs = 1  # the fd
         self._fd_open = True
         self._destroyed = False
@@ -79,6 +101,7 @@ class Vm:
         self.max_vcpus = KVM_MAX_VCPUS                  # kvm->max_vcpus (a TD lowers it)
         self.fd = kvm.fds.install(self)
         kvm.host.register_vm(self)
+        kvm.host.add_mmu_notifier(self)
 
     def __repr__(self) -> str:
         return (f"Vm(id={self.id}, type={self.type.name}, fd={self.fd}, refs={self._refs}, "
@@ -89,6 +112,11 @@ class Vm:
     def has_private_mem(self) -> bool:
         """``kvm_arch_has_private_mem``: SW_PROTECTED and TDX VMs."""
         return self.type in (VmType.SW_PROTECTED, VmType.TDX)
+
+    @property
+    def gpa_shared_mask(self) -> int:
+        """The GPA's shared bit (``kvm_gfn_direct_bits`` as a GPA): 0 for a VM without one."""
+        return 0
 
     @property
     def has_readonly_mem(self) -> bool:
@@ -129,8 +157,47 @@ class Vm:
         """``kvm_vm_bugged``: mark the VM bugged and dead (KVM_BUG_ON); the first reason is kept."""
         if not self._bugged:
             self.bug_reason = reason
+            self.kvm.host.events.emit("vm_bug", f"vm{self.id}", reason)
         self._bugged = True
         self._dead = True
+
+    def mark_dead(self, reason: str) -> None:
+        """``kvm_vm_dead``: every later ioctl and ``run()`` fails EIO (not a KVM bug)."""
+        if not self._dead:
+            self.bug_reason = self.bug_reason or reason
+            self.kvm.host.events.emit("vm_dead", f"vm{self.id}", reason)
+        self._dead = True
+
+    # ------------------------------------------------------------------ counters, hooks
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the VM's counter ``name`` and to the host's."""
+        self._counters[name] = self._counters.get(name, 0) + n
+        self.kvm.host.count(name, n)
+
+    @property
+    def stats(self) -> Dict[str, int]:
+        """A snapshot of the VM's ``nr_*`` counters (SPEC §3.2)."""
+        return dict(sorted(self._counters.items()))
+
+    def add_hook(self, name: str, fn: Callable[..., Any]) -> None:
+        """Register a test-only observer ``fn(vm, **info)`` called at the point ``name``.
+
+        Points: ``"pre_set_memory_attributes"`` (inside the invalidation window, after the zap,
+        before the store: ``start``, ``end``, ``attributes``), ``"post_set_memory_attributes"``
+        (after the store, before ``end``). Observers must not change the model.
+        """
+        if name not in HOOK_POINTS:
+            msg = f"name={name!r} must be one of {HOOK_POINTS}"
+            raise TdxValueError(msg, name="name", value=name)
+        if not callable(fn):
+            msg = f"fn={fn!r} must be callable"
+            raise TdxTypeError(msg, name="fn", value=fn)
+        self._hooks.setdefault(name, []).append(fn)
+
+    def run_hooks(self, name: str, **info: Any) -> None:
+        """Call the observers registered for ``name``."""
+        for fn in self._hooks.get(name, ()):
+            fn(self, **info)
 
     @classmethod
     def _pre_create(cls, kvm: "Kvm") -> Ret:
@@ -174,21 +241,150 @@ class Vm:
         if self._refs == 0:
             self._destroy_vm()
 
+    # ------------------------------------------------------------------ mmu_invalidate
+    def invalidate_begin_locked(self, ranges: List[Any]) -> None:
+        """``kvm_mmu_invalidate_begin`` + ``range_add`` of each ``(slot, lo, hi)`` (mmu_lock write held).
+
+        Counts the invalidation as open (``nr_open_invalidations``, what invariant S6e compares
+        with ``in_progress``) and logs ``invalidate_begin`` per range.
+        """
+        inv = self.mmu_invalidate
+        inv.begin(ranges[0][1], ranges[0][2])
+        self.nr_open_invalidations += 1
+        for _, lo, hi in ranges:
+            inv.range_add(lo, hi)
+            self.kvm.host.events.emit("invalidate_begin", f"vm{self.id}", lo, hi, inv.in_progress)
+
+    def invalidate_end_locked(self, lo: int, hi: int) -> None:
+        """``kvm_mmu_invalidate_end`` of one invalidation opened by :meth:`invalidate_begin_locked`."""
+        self.mmu_invalidate.end(lo, hi)
+        self.nr_open_invalidations -= 1
+        self.kvm.host.events.emit("invalidate_end", f"vm{self.id}", lo, hi, self.mmu_invalidate.seq)
+
+    # ------------------------------------------------------------------ unmapping
+    def zap_shared_locked(self, start: int, end: int) -> int:
+        """Unmap shared mappings of gfns ``[start, end)`` (``KVM_FILTER_SHARED``; mmu_lock write held)."""
+        n = self.direct.zap_range(start, end)
+        if n:
+            self.count("nr_shared_zaps", n)
+        return n
+
+    def zap_private_locked(self, start: int, end: int) -> Generator[Any, Any, List[int]]:
+        """Unmap private mappings of ``[start, end)`` (``KVM_FILTER_PRIVATE``; mmu_lock write held).
+
+        Returns the gfns whose unmap failed (their pages stay pinned). A VM without a mirror
+        root (DEFAULT, SW_PROTECTED: no vCPUs in the model) has nothing to unmap; the TD overrides
+        this with the S-EPT zap.
+        """
+        return []
+        yield  # a generator: the TD's zap waits (kicks)
+
+    def _gmem_ranges(self, gmem: GuestMemfd, start: int, end: int) -> List[Any]:
+        """``(slot, gfn_lo, gfn_hi)`` of each binding of ``gmem`` intersecting pages ``[start, end)``."""
+        out = []
+        for lo, hi, slot in gmem._bindings:
+            a, b = max(lo, start), min(hi, end)
+            if a < b:
+                out.append((slot, slot.base_gfn + a - slot.gmem_pgoff, slot.base_gfn + b - slot.gmem_pgoff))
+        return sorted(out, key=lambda r: r[1])
+
     def kvm_gmem_invalidate(self, gmem: GuestMemfd, start: int,
                             end: int) -> Generator[Any, Any, frozenset]:
-        """Unmap pages ``[start, end)`` of ``gmem`` from the guest before the file drops them.
+        """``kvm_gmem_invalidate_begin``: unmap pages ``[start, end)`` of ``gmem`` from the guest.
 
-        Returns the page indices that must stay pinned (their unmap failed, so the VM keeps them
-        leaked rather than let the host reuse them). A VM without private mappings has nothing
-        to unmap; the TD overrides this with the S-EPT zap.
+        Over the file's bindings (none: nothing happens, not even a begin): under ``mmu_lock``
+        write, ``mmu_invalidate`` begin + range_add per bound slot, then the private unmap. The
+        matching :meth:`kvm_gmem_invalidate_end` runs after the file dropped its pages. Returns
+        the page indices whose unmap failed: they stay pinned (the VM recorded them as leaked).
 
         Notes
         -----
         ``kvm_gmem_invalidate_begin()`` in ``virt/kvm/guest_memfd.c`` (6.18), called by
-        ``kvm_gmem_punch_hole()`` and ``kvm_gmem_release()`` under the file's invalidate lock.
+        ``kvm_gmem_punch_hole()`` and ``kvm_gmem_release()`` under the file's invalidate lock;
+        tdx-facts §8.5.
         """
-        return frozenset()
-        yield  # a generator: a subclass's unmap may wait (kicks, mmu_lock)
+        ranges = self._gmem_ranges(gmem, start, end)
+        if not ranges:
+            return frozenset()
+        pinned = set()
+        owner = yield Wait(self.mmu_lock, WRITE)
+        try:
+            self.invalidate_begin_locked(ranges)
+            for slot, lo, hi in ranges:
+                for gfn in (yield from self.zap_private_locked(lo, hi)):
+                    pinned.add(slot.gmem_pgoff + gfn - slot.base_gfn)
+        finally:
+            self.mmu_lock.release(owner, WRITE)
+        return frozenset(pinned)
+
+    def kvm_gmem_invalidate_end(self, gmem: GuestMemfd, start: int, end: int) -> Generator[Any, Any, None]:
+        """``kvm_gmem_invalidate_end``: ``mmu_invalidate`` end if the begin found a bound slot."""
+        ranges = self._gmem_ranges(gmem, start, end)
+        if not ranges:
+            return
+        owner = yield Wait(self.mmu_lock, WRITE)
+        try:
+            self.invalidate_end_locked(ranges[0][1], ranges[0][2])
+        finally:
+            self.mmu_lock.release(owner, WRITE)
+
+    def kvm_arch_flush_shadow_memslot(self, slot: Memslot) -> Generator[Any, Any, None]:
+        """Zap every mapping of ``slot`` (private and shared) under ``mmu_lock`` write.
+
+        ``kvm_mmu_zap_memslot_leafs`` (6.18, the TDX path of ``kvm_arch_flush_shadow_memslot``)
+        on a memslot delete or move; no ``mmu_invalidate`` pair (the slot is already invalid).
+        """
+        owner = yield Wait(self.mmu_lock, WRITE)
+        try:
+            self.zap_shared_locked(slot.base_gfn, slot.end_gfn)
+            yield from self.zap_private_locked(slot.base_gfn, slot.end_gfn)
+        finally:
+            self.mmu_lock.release(owner, WRITE)
+
+    # ------------------------------------------------------------------ MMU notifier (host userspace)
+    def _hva_ranges(self, hva_start: int, hva_end: int) -> List[Any]:
+        out = []
+        for slot in self.memslots:
+            s0 = slot.userspace_addr
+            s1 = s0 + (slot.npages << PAGE_SHIFT)
+            a, b = max(s0, hva_start), min(s1, hva_end)
+            if a < b:
+                lo = slot.base_gfn + ((a - s0) >> PAGE_SHIFT)
+                hi = slot.base_gfn + ((b - s0 + PAGE_SIZE - 1) >> PAGE_SHIFT)
+                out.append((slot, lo, hi))
+        return out
+
+    def invalidate_range_start(self, hva_start: int, hva_end: int) -> Generator[Any, Any, None]:
+        """``kvm_mmu_notifier_invalidate_range_start``: unmap the shared mappings of the hva range.
+
+        For each memslot whose userspace range intersects: under ``mmu_lock`` write,
+        ``mmu_invalidate`` begin (once) + range_add, unmap with ``KVM_FILTER_SHARED`` — an hva
+        never backs private memory (tdx-facts §8.5).
+        """
+        ranges = self._hva_ranges(hva_start, hva_end) if not self._destroyed else []
+        self._mn_begun.append(bool(ranges))
+        if not ranges:
+            return
+        owner = yield Wait(self.mmu_lock, WRITE)
+        try:
+            self.invalidate_begin_locked(ranges)
+            for _, lo, hi in ranges:
+                self.zap_shared_locked(lo, hi)
+        finally:
+            self.mmu_lock.release(owner, WRITE)
+
+    def invalidate_range_end(self, hva_start: int, hva_end: int) -> Generator[Any, Any, None]:
+        """``kvm_mmu_notifier_invalidate_range_end``: ``mmu_invalidate`` end if the start began one."""
+        begun = self._mn_begun.pop() if self._mn_begun else False
+        if not begun:
+            return
+        ranges = self._hva_ranges(hva_start, hva_end)
+        lo, hi = (ranges[0][1], ranges[0][2]) if ranges else (0, 1)
+        owner = yield Wait(self.mmu_lock, WRITE)
+        try:
+            self.invalidate_end_locked(lo, hi)
+        finally:
+            self.mmu_lock.release(owner, WRITE)
 
     def _destroy_vm(self) -> None:
         """``kvm_destroy_vm``: free the memslots, leave the host's registry.
@@ -198,6 +394,7 @@ class Vm:
         """
         for slot in list(self.memslots):
             self.memslots._remove(slot)
+        self.kvm.host.remove_mmu_notifier(self)
         self.kvm.host.unregister_vm(self)
         self._destroyed = True
 
@@ -389,4 +586,56 @@ class Vm:
             raise TdxTypeError(msg, name="guest_memfd", value=fd)
         return self.kvm.fds.get(_u("guest_memfd", fd, 32))
 
+    # ------------------------------------------------------------------ memory attributes
+    def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
+        """``KVM_SET_MEMORY_ATTRIBUTES``: set ``[address, address + size)`` to ``attributes``.
 
+        Parameters
+        ----------
+        address, size : int
+            u64 byte range (4 KiB aligned, non-empty, no wrap).
+        attributes : int
+            ``MemAttr`` bits (PRIVATE = 1 << 3; 0 = shared).
+        flags : int
+            u64, must be 0.
+
+        Raises
+        ------
+        KvmError
+            EINVAL (in order): flags, unsupported attributes (a VM without private memory
+            supports none), empty or wrapping range, unaligned address or size. ENOMEM: the
+            store could not reserve (nothing changed, no invalidation). EIO: the VM is dead.
+
+        Notes
+        -----
+        ``kvm_vm_ioctl_set_mem_attributes`` (6.18); :mod:`tdxcore.kvm.attributes`; SPEC §4.6.
+        """
+        a = _u("address", address, 64)
+        n = _u("size", size, 64)
+        at = _u("attributes", attributes, 64)
+        f = _u("flags", flags, 64)
+        ioctl(self.kvm.host, "KVM_SET_MEMORY_ATTRIBUTES", self.id,
+              self._guard(self.set_memory_attributes_gen_checked(a, n, at, f)))
+
+    def set_memory_attributes_gen(self, address: int, size: int, attributes: int,
+                                  flags: int = 0) -> Generator[Any, Any, Ret]:
+        """Return the generator of :meth:`set_memory_attributes` for an actor (arguments checked now)."""
+        return self._guard(self.set_memory_attributes_gen_checked(
+            _u("address", address, 64), _u("size", size, 64), _u("attributes", attributes, 64),
+            _u("flags", flags, 64)))
+
+    def set_memory_attributes_gen_checked(self, address: int, size: int, attributes: int,
+                                          flags: int) -> Generator[Any, Any, Ret]:
+        """Validate (EINVAL as upstream) and run :func:`~tdxcore.kvm.attributes.kvm_vm_set_mem_attributes`."""
+        ret, start, end = _attributes.check_set_memory_attributes(self, address, size, attributes, flags)
+        if ret[0] < 0:
+            return ret
+        return (yield from _attributes.kvm_vm_set_mem_attributes(self, start, end, attributes))
+
+    def get_memory_attributes(self, gfn: int) -> int:
+        """``kvm_get_memory_attributes``: the attribute word of ``gfn`` (0 = shared)."""
+        return self.mem_attr.get(check_int("gfn", gfn, 0, 1 << 52))
+
+    def is_private(self, gfn: int) -> bool:
+        """``kvm_mem_is_private``: the PRIVATE attribute is set (only on VMs with private memory)."""
+        return bool(self.has_private_mem and self.mem_attr.get(gfn) & _attributes.MemAttr.PRIVATE)

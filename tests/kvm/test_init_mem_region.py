@@ -8,7 +8,7 @@ import errno
 
 import pytest
 
-from tdxcore.constants import PAGE_SIZE, MemFlag, VmType
+from tdxcore.constants import MemAttr, PAGE_SIZE, MemFlag, VmType
 from tdxcore.errors import KvmError, TdxTypeError
 from tdxcore.invariants import check_invariants
 from tdxcore.kvm import Kvm
@@ -38,6 +38,7 @@ def td_with_slot(host=None, nvcpu=1, erratum=False, size=MEM):
     gmem = vm.create_guest_memfd(size=size)
     vm.set_user_memory_region2(slot=0, flags=MemFlag.GUEST_MEMFD, guest_phys_addr=BASE, memory_size=size,
                                userspace_addr=host.mmap(size), guest_memfd=gmem, guest_memfd_offset=0)
+    vm.set_memory_attributes(BASE, size, MemAttr.PRIVATE)
     vcpus = [vm.create_vcpu(i) for i in range(nvcpu)]
     for v in vcpus:
         v.init_vcpu()

@@ -222,7 +222,8 @@ def test_delete_marks_slot_invalid_before_commit(vm, hva):
     b = Actor("create", kvm_set_memory_region(vm, UserMemoryRegion(1, 0, GPA + 4 * MiB, MiB, hva), v1=False))
     d.step(b)
     assert not d.runnable(b)  # blocked on slots_lock
-    d.step(a)
+    while not a.done:         # synchronize_srcu, the zap under mmu_lock, then the commit
+        d.step(a)
     assert a.done and a.result == (0, "") and len(vm.memslots) == 0
     d.step(b)
     assert b.done and len(vm.memslots) == 1

@@ -200,14 +200,20 @@ def test_vp_enter_error_is_an_internal_error_exit(host, td):
     assert v.run().exit_reason == ExitReason.HLT
 
 
-def test_unmapped_or_shared_gpa_is_refused_and_stays_queued(td):
+def test_unmapped_private_gpa_faults_in_and_shared_alias_exits(td):
+    """A private page never touched is AUGed on the fault and accepted by the #VE handler; the
+    shared alias of a PRIVATE gfn is a KVM_EXIT_MEMORY_FAULT (flags 0) that keeps the op queued."""
     v = td.vcpus[0]
-    shared = BASE | (1 << (td.vm.gpaw - 1))
-    for gpa in (BASE + (4 << 12), shared):
-        with pytest.raises(KvmError, match="not mapped") as ei:
-            v.run([guest.read(gpa)])
-        assert ei.value.errno == errno.EINVAL and v.queue == (guest.read(gpa),) and not v.in_guest
-        v._queue.clear()
+    gpa = BASE + (4 << 12)
+    run = v.run([guest.read(gpa)])
+    assert run.exit_reason == ExitReason.HLT and v.guest_log[-1].value == 0
+    assert v.guest_log[-1].ve is not None and v.guest_log[-1].ve.kind == "pending"
+    shared = gpa | (1 << (td.vm.gpaw - 1))
+    run = v.run([guest.read(shared)])
+    assert run.exit_reason == ExitReason.MEMORY_FAULT and run.ret == -errno.EFAULT
+    assert (run.memory_fault.flags, run.memory_fault.gpa, run.memory_fault.size) == (0, gpa, 4096)
+    assert v.queue == (guest.read(shared),) and not v.in_guest
+    v._queue.clear()
 
 
 def test_run_gen_is_the_same_operation(td):
@@ -244,8 +250,8 @@ def test_interleaved_vcpus_mutex_and_kick(host, td):
     b = Actor("b", v0.run_gen([guest.read(BASE)]))       # same vCPU: waits on its mutex
     c = Actor("c", v1.run_gen(prog))
     d = Driver()
-    d.step(a)
-    d.step(a)                                            # a holds the mutex and is in the guest
+    while not v0.in_guest:                               # mutex, entry phase, then in the guest
+        d.step(a)
     assert v0.in_guest and v0.mutex.holders() == (a,)
     def kicker():
         yield WaitOutOfGuest([host.tdx.vcpu(v0.tdvpr)])
@@ -264,9 +270,8 @@ def test_closing_the_actor_in_the_guest_exits_the_guest(host, td):
     gen = v.run_gen([guest.read(BASE), guest.hlt()])
     d = Driver()
     a = Actor("a", gen)
-    d.step(a)
-    d.step(a)
-    assert v.in_guest
+    while not v.in_guest:
+        d.step(a)
     gen.close()
     assert not v.in_guest and not host.tdx.vcpu(v.tdvpr).in_guest and v.mutex.holders() == ()
     assert v.run().exit_reason == ExitReason.HLT and len(v.guest_log) == 2

@@ -23,7 +23,7 @@ from tdxcore.status import (  # type: ignore[attr-defined]
     TDX_OPERAND_INVALID,
     Leaf,
 )
-from tests.kvm.test_init_mem_region import BASE, leaves_since, src, td_with_slot
+from tests.kvm.test_init_mem_region import BASE, MEM, leaves_since, src, td_with_slot
 from tests.kvm.test_tdx_vm_init import page_leaks
 
 NPAGES = 3
@@ -217,7 +217,7 @@ def test_zap_without_hkid_is_kvm_bug():
 
 def test_runnable_map_augs_and_destroy_zaps_what_is_left():
     host, kvm, vm, gmem, free0 = runnable_td()
-    gfn = vm.mmu.leaves[-1][0] + 1                  # same 2M table: no SEPT.ADD
+    gfn = (BASE + MEM) >> PAGE_SHIFT                # past the slot, same 2M table: no SEPT.ADD
     pfn = host.alloc_frame()
     host.tdx.inject(Leaf.TDH_MEM_PAGE_AUG, TDX_OPERAND_BUSY | OPERAND_ID_SEPT_TREE, count=1)
     assert run_to_completion(vm.mmu.map_private(gfn, pfn)) == -errno.EBUSY and vm.mmu.leaf(gfn) is None
@@ -225,7 +225,7 @@ def test_runnable_map_augs_and_destroy_zaps_what_is_left():
     assert run_to_completion(vm.mmu.map_private(gfn, pfn)) == 0
     assert leaves_since(host, n0) == [Leaf.TDH_MEM_PAGE_AUG] and vm.nr_premapped == 0
     assert host.tdx.td(vm.tdr).sept.walk(gfn << PAGE_SHIFT)[2] is not None
-    gmem.close()                                    # zaps the gmem pages, not the AUGed one
+    gmem.close()                                    # zaps the bound gfns, not the one past the slot
     assert vm.mmu.leaves == ((gfn, pfn),)
     n1 = len(host.events)
     vm.close()                                      # kvm_destroy_vm zaps it with the HKID assigned

@@ -170,7 +170,7 @@ def test_td_with_initial_memory_build_finalize_destroy_exact():
     """A TD with measured initial memory (memslot + guest_memfd + INIT_MEM_REGION), finalized and
     destroyed: exact SEAMCALL order of populate, zap (at guest_memfd release, HKID assigned) and
     reclaim (after HKID release), no leaks, every frame back."""
-    from tdxcore.constants import MemFlag
+    from tdxcore.constants import MemAttr, MemFlag
 
     npages, nvcpu = 4, 2
     host = _host()
@@ -180,6 +180,7 @@ def test_td_with_initial_memory_build_finalize_destroy_exact():
     gmem = vm.create_guest_memfd(size=2 << 20)
     vm.set_user_memory_region2(slot=0, flags=MemFlag.GUEST_MEMFD, guest_phys_addr=4 << 30,
                                memory_size=2 << 20, userspace_addr=host.mmap(2 << 20), guest_memfd=gmem)
+    vm.set_memory_attributes(4 << 30, 2 << 20, MemAttr.PRIVATE)
     vcpus = [vm.create_vcpu(i) for i in range(nvcpu)]
     for v in vcpus:
         v.init_vcpu()
