@@ -46,13 +46,13 @@ def _is_busy(res: Any) -> bool:
 def kick_all_vcpus(vm: "TdxVm") -> Generator[Any, Any, None]:
     """``kvm_make_all_cpus_request(KVM_REQ_OUTSIDE_GUEST_MODE)``: wait until no vCPU is in the guest.
 
-    Only vCPUs *in the guest* are waited for (SPEC §5): one blocked on ``mmu_lock`` in KVM is
-    already outside guest mode, so a kick can never deadlock with it.
+    Only vCPUs in guest mode are waited for (SPEC §5): from VP.ENTER's start (``IN_GUEST_MODE`` is
+    set before the SEAMCALL) to the TD exit the IPI forces. One blocked on ``mmu_lock`` in KVM is
+    outside guest mode, so a kick can never deadlock with it.
     """
-    t = vm.kvm.host.tdx
     vm.count("nr_kicks")
-    vcpus = [t.vcpu(v.tdvpr) for v in vm.vcpus if v.tdvpr is not None]
-    for v in vm.vcpus:
+    vcpus = [v for v in vm.vcpus if v.tdvpr is not None]
+    for v in vcpus:
         if v.in_guest:
             v.kick()                             # the IPI: it exits at its next instruction
     vm.kvm.host.events.emit("kick", f"vm{vm.id}", sum(1 for v in vcpus if v.in_guest))

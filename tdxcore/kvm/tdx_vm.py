@@ -247,7 +247,7 @@ class TdxVm(Vm):
         return tuple(self._leaks)
 
     def state_bytes(self) -> bytes:
-        """Serialize canonically: the base VM's bytes, then the TD.
+        """Serialize canonically: the base VM's bytes, ``<BB`` terminated and wait_for_sept_zap, then the TD.
 
         ``<BqqHQQQ`` TD state, hkid (-1), tdr (-1), TDCS count, premapped, attributes, xfam;
         ``<Q`` each TDCS; ``<H`` vCPUs and each vCPU's ``state_bytes``; the mirror's
@@ -256,6 +256,7 @@ class TdxVm(Vm):
         event and the ``what`` bytes + NUL.
         """
         parts = [super().state_bytes(),
+                 struct.pack("<BB", self.is_terminated, self.wait_for_sept_zap),
                  struct.pack(f"<BqqHQQQ{len(self.tdcs)}Q", int(self.td_state),
                              -1 if self.hkid is None else self.hkid, -1 if self.tdr is None else self.tdr,
                              len(self.tdcs), self.nr_premapped, self.attributes, self.xfam, *self.tdcs),

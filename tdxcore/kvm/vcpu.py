@@ -25,7 +25,7 @@ from tdxcore.errors import TdxTypeError, check_int
 from tdxcore.kvm.ioctl import OK, Ret, ebadf, fail, fd_call, ioctl
 from tdxcore.kvm.run import GuestEvent, KvmRun, VeInfo
 from tdxcore.kvm.vcpu_run import SEPT_ZAP_MAX_WAITS, VP_ENTER_MAX_BUSY, vcpu_run
-from tdxcore.sched import WRITE, KLock, Wait
+from tdxcore.sched import PREEMPT, READ, WRITE, KLock, Wait
 
 if TYPE_CHECKING:
     from tdxcore.kvm.tdx_vm import TdxVm
@@ -104,9 +104,8 @@ class Vcpu:
 
     @property
     def in_guest(self) -> bool:
-        """Whether the vCPU is between VP.ENTER's entry and its exit (what a kick waits for)."""
-        op = self._enter_op
-        return op is not None and bool(op.in_guest)
+        """Whether the vCPU is in guest mode: from VP.ENTER's start to its TD exit (kicks wait)."""
+        return self._enter_op is not None
 
     @property
     def stats(self) -> dict[str, int]:
@@ -130,13 +129,17 @@ class Vcpu:
     def state_bytes(self) -> bytes:
         """``<QqBBqH`` vcpu_id, fd, state, fd_open, tdvpr (-1 none), TDCX count, then ``<Q`` each.
 
-        Then the run state: ``<QQQB`` next guest op index, queued ops, guest_log length, pending
-        signal (the ops themselves are the actor's program, hashed by its position).
+        Then the run state: ``<QQQBB`` next guest op index, queued ops, guest_log length, pending
+        signal, pending kick; ``<H`` pending interrupt vectors and ``<B`` each; ``<H`` #VE handler
+        ops; ``<B`` whether a completion is armed (the ops themselves are the actor's program,
+        hashed by its position).
         """
-        return struct.pack(f"<QqBBqH{len(self.tdcx)}QQQQB", self.vcpu_id, self.fd, int(self.state),
-                           self._fd_open, -1 if self.tdvpr is None else self.tdvpr, len(self.tdcx),
-                           *self.tdcx, self._next_index, len(self._queue), len(self.guest_log),
-                           self._signal)
+        return (struct.pack(f"<QqBBqH{len(self.tdcx)}QQQQBB", self.vcpu_id, self.fd, int(self.state),
+                            self._fd_open, -1 if self.tdvpr is None else self.tdvpr, len(self.tdcx),
+                            *self.tdcx, self._next_index, len(self._queue), len(self.guest_log),
+                            self._signal, self._kick_pending)
+                + struct.pack(f"<H{len(self._events)}BHB", len(self._events), *self._events,
+                              len(self._ve_ops), self.completion is not None))
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -302,6 +305,109 @@ class Vcpu:
         finally:
             self.mem_region = region[0]     # copy_to_user of the progress, even on error
         return region[0]
+
+    # ------------------------------------------------------------------ KVM_PRE_FAULT_MEMORY
+    def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> Tuple[int, int]:
+        """``KVM_PRE_FAULT_MEMORY``: map ``[gpa, gpa + size)`` as faults would, without the guest.
+
+        Parameters
+        ----------
+        gpa, size : int
+            u64, page aligned, non-empty, no wrap. Each page is faulted as private or shared by
+            its memory attribute (a TD's private pages are AUGed: the guest still accepts them).
+        flags : int
+            u64, must be 0.
+
+        Returns
+        -------
+        tuple of int
+            ``(gpa, size)`` as written back: what is left (``size == 0`` when all was mapped). A
+            stop after progress (a signal, an invalid memslot) returns the remainder and no error,
+            as upstream returns 0 when at least one page was mapped.
+
+        Raises
+        ------
+        KvmError
+            EINVAL: flags, alignment, empty or wrapping range. EOPNOTSUPP: before FINALIZE
+            (``pre_fault_allowed``). With no progress: EINTR (a pending signal), EAGAIN (the
+            memslot is being deleted or moved, 6.18), EFAULT (attribute mismatch or no gmem),
+            ENOENT (no memslot: MMIO), EIO (dead VM).
+
+        Notes
+        -----
+        ``kvm_vcpu_pre_fault_memory`` → ``kvm_arch_vcpu_pre_fault_memory`` → ``kvm_tdp_map_page``
+        (6.18, with commit 3ccbf6f47098's -EAGAIN). SPEC §3.2.
+        """
+        g = check_int("gpa", gpa, 0, 1 << 64)
+        n = check_int("size", size, 0, 1 << 64)
+        f = check_int("flags", flags, 0, 1 << 64)
+        out = [(g, n)]
+        ioctl(self.vm.kvm.host, "KVM_PRE_FAULT_MEMORY", self.vm.id,
+              self._guard(self._pre_fault_gen(g, n, f, out)))
+        return out[0]
+
+    def _pre_fault_gen(self, gpa: int, size: int, flags: int,
+                       out: List[Tuple[int, int]]) -> Generator[Any, Any, Ret]:
+        from tdxcore.kvm.fault import (
+            RET_PF_EMULATE,
+            RET_PF_FIXED,
+            RET_PF_RETRY,
+            RET_PF_SPURIOUS,
+            kvm_mmu_page_fault,
+        )
+
+        vm = self.vm
+        if flags:
+            return fail(_errno.EINVAL, f"flags {flags:#x} must be 0")
+        if gpa & (PAGE_SIZE - 1) or size & (PAGE_SIZE - 1) or size == 0 or gpa + size > (1 << 64):
+            return fail(_errno.EINVAL, f"gpa {gpa:#x} size {size:#x}: unaligned, empty or wraps")
+        owner = yield Wait(self.mutex, WRITE)
+        so = yield Wait(vm.srcu, READ)
+        try:
+            if not getattr(vm, "pre_fault_allowed", False):
+                return fail(_errno.EOPNOTSUPP, "pre-faulting is allowed only after KVM_TDX_FINALIZE_VM")
+            full = size
+            r = 0
+            while size:
+                if self._signal:
+                    self._signal = False
+                    r = -_errno.EINTR
+                    break
+                if vm.is_dead:
+                    r = -_errno.EIO
+                    break
+                gfn = gpa >> PAGE_SHIFT
+                private = vm.is_private(gfn)
+                fault_gpa = gpa if private else gpa | vm.gpa_shared_mask
+                while True:                   # kvm_tdp_map_page
+                    slot = vm.memslots.gfn_to_memslot(gfn)
+                    if slot is not None and slot.invalid:
+                        r = -_errno.EAGAIN
+                        break
+                    r = yield from kvm_mmu_page_fault(self, fault_gpa, private)
+                    if r != RET_PF_RETRY:
+                        break
+                    if self._signal or vm.is_dead:
+                        break
+                    yield PREEMPT
+                if r in (RET_PF_FIXED, RET_PF_SPURIOUS):
+                    gpa, size = gpa + PAGE_SIZE, size - PAGE_SIZE
+                    out[0] = (gpa, size)
+                    self._count("nr_pre_faulted")
+                    yield PREEMPT             # cond_resched()
+                    continue
+                if r == RET_PF_EMULATE:
+                    r = -_errno.ENOENT
+                elif r == RET_PF_RETRY:
+                    r = -_errno.EINTR if self._signal else -_errno.EIO
+                    self._signal = False
+                break
+            if size == full and r < 0:
+                return fail(-r, f"pre-fault of gpa {gpa:#x}: {_errno.errorcode.get(-r, r)}")
+            return OK
+        finally:
+            vm.srcu.release(so, READ)
+            self.mutex.release(owner, WRITE)
 
     # ------------------------------------------------------------------ KVM_RUN
     def raise_signal(self) -> None:

@@ -87,6 +87,7 @@ def vcpu_run(vcpu: "Vcpu") -> Generator[Any, Any, Ret]:
             yield PREEMPT
             continue
         assert vcpu.tdvpr is not None
+        vcpu._kick_pending = False      # a kick taken outside guest mode needs no exit
         cpu = tdx.vcpu(vcpu.tdvpr).associated_cpu
         op = tdx.vp_enter(vcpu.tdvpr, cpu=cpu, actor=vcpu.actor)
         if not op.acquired:
@@ -107,13 +108,14 @@ def vcpu_run(vcpu: "Vcpu") -> Generator[Any, Any, Ret]:
         try:
             yield PREEMPT               # the entry phase is in flight: TD_EPOCH held shared (and,
             #                             when zero-step is suspected, the S-EPT tree exclusive)
-            vcpu._kick_pending = False
             op.enter()
             vcpu._count("nr_entries")
             exit_ = yield from _guest(vcpu, op, _deliver_events(vcpu))
         finally:
             if op.in_guest:             # the actor was closed while in the guest
                 op.exit(EXIT_REASON_TDCALL, rip=vcpu._next_index)
+            elif op.acquired:           # ... or during the entry phase: give the locks back
+                op.abort()
             vcpu._enter_op = None
         owner = yield Wait(vm.srcu, READ)
         try:

@@ -210,7 +210,9 @@ class Vm:
         ``<QQqqBB type, id, fd, refs, fd_open, destroyed``, ``<BBqQQ bugged, dead, split irqchip
         pins (-1 off), hypercall mask, created vCPUs``, ``<Q`` slot count, then per slot in
         (as_id, id) order ``<IIQQIQqQB as_id, id, base_gfn, npages, flags, userspace_addr, gmem fd
-        (-1 none), gmem_pgoff, invalid``.
+        (-1 none), gmem_pgoff, invalid``; then ``<QQq`` the attribute store's and the
+        invalidation tracker's ``state_hash()`` and the open invalidations, the direct root's
+        ``state_bytes()``.
         """
         parts = [struct.pack("<QQqqBB", int(self.type), self.id, self.fd, self._refs, self._fd_open,
                              self._destroyed),
@@ -222,6 +224,9 @@ class Vm:
             parts.append(struct.pack("<IIQQIQqQB", s.as_id, s.id, s.base_gfn, s.npages, s.flags,
                                      s.userspace_addr, -1 if s.gmem is None else s.gmem.fd, s.gmem_pgoff,
                                      s.invalid))
+        parts.append(struct.pack("<QQq", self.mem_attr.state_hash(), self.mmu_invalidate.state_hash(),
+                                 self.nr_open_invalidations))
+        parts.append(self.direct.state_bytes())
         return b"".join(parts)
 
     # ------------------------------------------------------------------ lifetime

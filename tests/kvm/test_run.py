@@ -250,7 +250,7 @@ def test_interleaved_vcpus_mutex_and_kick(host, td):
     b = Actor("b", v0.run_gen([guest.read(BASE)]))       # same vCPU: waits on its mutex
     c = Actor("c", v1.run_gen(prog))
     d = Driver()
-    while not v0.in_guest:                               # mutex, entry phase, then in the guest
+    while not host.tdx.vcpu(v0.tdvpr).in_guest:          # mutex, entry phase, then in the guest
         d.step(a)
     assert v0.in_guest and v0.mutex.holders() == (a,)
     def kicker():
@@ -270,8 +270,22 @@ def test_closing_the_actor_in_the_guest_exits_the_guest(host, td):
     gen = v.run_gen([guest.read(BASE), guest.hlt()])
     d = Driver()
     a = Actor("a", gen)
-    while not v.in_guest:
+    while not host.tdx.vcpu(v.tdvpr).in_guest:
         d.step(a)
     gen.close()
     assert not v.in_guest and not host.tdx.vcpu(v.tdvpr).in_guest and v.mutex.holders() == ()
     assert v.run().exit_reason == ExitReason.HLT and len(v.guest_log) == 2
+
+
+def test_closing_the_actor_in_the_entry_phase_aborts_vp_enter(host, td):
+    """An actor closed between VP.ENTER's begin and its entry gives the entry locks back."""
+    v = td.vcpus[0]
+    gen = v.run_gen([guest.read(BASE), guest.hlt()])
+    d = Driver()
+    a = Actor("a", gen)
+    while v._enter_op is None:
+        d.step(a)
+    assert v.in_guest and not host.tdx.vcpu(v.tdvpr).in_guest     # guest mode, not yet entered
+    gen.close()
+    assert not v.in_guest and host.tdx.inflight == {} and v.mutex.holders() == ()
+    assert v.run().exit_reason == ExitReason.HLT

@@ -126,20 +126,23 @@ def test_a16_zap_busy_is_retried_once_with_vcpus_kicked(leaf, status):
     host.tdx.inject(leaf, status, count=1)
     conv = s.add(vm.set_memory_attributes_gen(BASE, PAGE_SIZE, 0), "convert")
     entries_while_flag = []
-    n_enter = len(host.events.filter(kind="td_enter"))
     while not conv.done:
         if conv in s.runnable():
             s.step(conv)
         elif not g.done:                          # the kick: vCPU1 takes its IPI exit
             s.step(g)
-        while vm.wait_for_sept_zap and not g.done and g in s.runnable() and not v1.in_guest:
-            s.step(g)                             # it may not enter while the flag is set
+        if vm.wait_for_sept_zap and not v1.in_guest and not g.done:
+            n_enter = len(host.events.filter(kind="td_enter"))
+            for _ in range(3):                    # it may not enter while the flag is set
+                if g in s.runnable():
+                    s.step(g)
             entries_while_flag.append(len(host.events.filter(kind="td_enter")) - n_enter)
-            if len(entries_while_flag) > 3:
-                break
     assert conv.result == (0, "") and not vm.wait_for_sept_zap and not vm.is_bugged
-    assert vm.stats["nr_zap_busy_retries"] == 1 and vm.stats["nr_kicks"] >= 2
-    assert all(k == 0 for k in entries_while_flag)        # nobody entered while the flag was set
+    # the injected BUSY was retried after a kick; a conflict-born BUSY (TRACK against vCPU1's
+    # entry) may add a retry of its own, which 6.18 survives the same way
+    assert vm.stats["nr_zap_busy_retries"] >= 1 and vm.stats["nr_kicks"] >= 2
+    assert host.stats.nr_busy[(leaf, status & 0xFFFFFFFF)] >= 1
+    assert entries_while_flag and all(k == 0 for k in entries_while_flag)   # no entry under the flag
     assert vm.mmu.leaf(BASE >> PAGE_SHIFT) is None
     while not g.done:
         s.step(g)
@@ -196,7 +199,7 @@ def test_a17_series_2023_triggers_zero_step_and_blocks_other_maps():
     v0, v1 = td.vcpus
     assert mod_v0.zero_step and mod_v0.ept_count == 6
     # vCPU0's next VP.ENTER takes the S-EPT tree lock exclusively for its entry phase
-    s.run_until(a, lambda y: v0._enter_op is not None and not v0.in_guest)
+    s.run_until(a, lambda y: v0._enter_op is not None and not mod_v0.in_guest)
     b = s.add(v1.run_gen([guest.read(BASE + 64 * PAGE_SIZE)]), "vcpu1")
     s.run_until(b, lambda y: v1.stats.get("nr_faults", 0) == 1 and y is not PREEMPT)
     busy0 = host.stats.as_dict().get("nr_sept_busy_retries", 0)
