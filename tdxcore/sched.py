@@ -22,8 +22,8 @@ from typing import Any, Final, Generator, Hashable, Iterable, Optional, Protocol
 
 from tdxcore.errors import TdxError, TdxTypeError, TdxValueError
 
-__all__ = ["PREEMPT", "READ", "WRITE", "Wait", "WaitOutOfGuest", "KLock", "Actor", "Driver", "SchedError",
-           "SchedDeadlock", "SchedLivelock", "run_to_completion", "MAX_STEPS"]
+__all__ = ["PREEMPT", "READ", "WRITE", "Wait", "WaitOutOfGuest", "KLock", "Srcu", "Actor", "Driver",
+           "SchedError", "SchedDeadlock", "SchedLivelock", "run_to_completion", "MAX_STEPS"]
 
 #: Lock modes of :class:`KLock`: KVM's rwlock words (``read_lock(&kvm->mmu_lock)`` /
 #: ``write_lock``). A mutex (``slots_lock``, ``kvm->lock``, the vCPU mutex) is a KLock taken WRITE.
@@ -163,6 +163,57 @@ class WaitOutOfGuest:
 
     def __init__(self, vcpus: Iterable[InGuest]) -> None:
         object.__setattr__(self, "vcpus", tuple(vcpus))
+
+
+class _SrcuReader:
+    """One SRCU read-side section; ``in_guest`` means "still inside" (what a grace period waits for)."""
+
+    __slots__ = ("inside",)
+
+    def __init__(self) -> None:
+        self.inside = True
+
+    @property
+    def in_guest(self) -> bool:
+        return self.inside
+
+
+class Srcu:
+    """Sleepable RCU (``kvm->srcu``): readers never block.
+
+    ``synchronize`` waits only for the readers already inside when it was called (new readers do
+    not hold it back, unlike a rwlock's writer).
+
+    ``token = srcu.read_lock()`` ... ``srcu.read_unlock(token)``; ``yield from srcu.synchronize()``.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._readers: list = []
+
+    def __repr__(self) -> str:
+        return f"Srcu({self.name!r}, readers={len(self._readers)})"
+
+    @property
+    def nr_readers(self) -> int:
+        """Read-side sections currently open."""
+        return len(self._readers)
+
+    def read_lock(self) -> _SrcuReader:
+        """Enter a read-side section; return its token."""
+        r = _SrcuReader()
+        self._readers.append(r)
+        return r
+
+    def read_unlock(self, token: _SrcuReader) -> None:
+        """Leave the section ``token`` opened."""
+        token.inside = False
+        self._readers = [r for r in self._readers if r is not token]
+
+    def synchronize(self) -> Generator[Any, Any, None]:
+        """``synchronize_srcu``: wait until every section open now has ended."""
+        if self._readers:
+            yield WaitOutOfGuest(tuple(self._readers))
 
 
 Yielded = Union[_Preempt, Wait, WaitOutOfGuest]

@@ -184,6 +184,6 @@ def tdx_handle_ept_violation(vcpu: "Vcpu", gpa: int, pending: bool) -> Generator
         if retries > MAX_LOCAL_RETRIES:
             msg = (f"vCPU {vcpu.vcpu_id}: {retries} local retries of the fault on {gpa:#x} "
                    f"(MAX_LOCAL_RETRIES {MAX_LOCAL_RETRIES}): livelock")
-            raise InvariantViolation("S6d", msg, gfn=gfn,
-                                     event_index=len(vm.kvm.host.events) - 1)
+            inv = "S6d"
+            raise InvariantViolation(inv, msg, gfn=gfn, event_index=len(vm.kvm.host.events) - 1)
         yield PREEMPT                   # cond_resched()

@@ -244,9 +244,10 @@ class GuestMemfd:
             victims = sorted(i for i in self._pages if start <= i < end)
         else:
             victims = [i for i in range(start, end) if i in self._pages]
+        kept = self.vm.pinned_pfns
         for index in victims:
             pfn = self._pages.pop(index)
-            if index not in pinned:
+            if index not in pinned and pfn not in kept:
                 self.vm.kvm.host.free_frame(pfn)
         yield from self.vm.kvm_gmem_invalidate_end(self, start, end)
 

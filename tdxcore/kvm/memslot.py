@@ -233,7 +233,17 @@ def _set_memory_region_locked(vm: "Vm", mem: UserMemoryRegion) -> Generator[Any,
 
     new = Memslot(as_id, id_, base_gfn, npages, mem.flags, uaddr)
     if mem.flags & _GM:
-        r = kvm_gmem_bind(vm, new, mem.guest_memfd, mem.guest_memfd_offset)
+        f = mem.guest_memfd if isinstance(mem.guest_memfd, GuestMemfd) else None
+        if f is not None:
+            # kvm_gmem_bind takes the file's invalidate lock: no punch is between its
+            # invalidate begin and end while the bindings change
+            fo = yield Wait(f.invalidate_lock, WRITE)
+            try:
+                r = kvm_gmem_bind(vm, new, mem.guest_memfd, mem.guest_memfd_offset)
+            finally:
+                f.invalidate_lock.release(fo, WRITE)
+        else:
+            r = kvm_gmem_bind(vm, new, mem.guest_memfd, mem.guest_memfd_offset)
         if r[0]:
             return r
     r = kvm_arch_prepare_memory_region(vm, old, new, change)
@@ -292,14 +302,18 @@ def kvm_set_memslot(vm: "Vm", old: Optional[Memslot], new: Optional[Memslot],
         old.invalid = True
         yield PREEMPT
         # synchronize_srcu: wait for every vCPU still handling an exit under the old slots
-        owner = yield Wait(vm.srcu, WRITE)
-        vm.srcu.release(owner, WRITE)
+        yield from vm.srcu.synchronize()
         # kvm_arch_flush_shadow_memslot: no mapping of the old slot may survive it
         yield from vm.kvm_arch_flush_shadow_memslot(old)
     if change is MrChange.DELETE:
         assert old is not None
         if old.gmem is not None:
-            old.gmem._unbind(old)
+            f = old.gmem
+            fo = yield Wait(f.invalidate_lock, WRITE)     # kvm_gmem_unbind
+            try:
+                f._unbind(old)
+            finally:
+                f.invalidate_lock.release(fo, WRITE)
             old.gmem = None
         vm.memslots._remove(old)
     elif change is MrChange.CREATE:

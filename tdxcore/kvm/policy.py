@@ -22,11 +22,17 @@ no retry count ever exceeds it.
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Generator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Generator, Mapping, Tuple
 
 from tdxcore.constants import MAX_LOCAL_RETRIES, SEAMCALL_RETRY_MAX, TRACK_RETRY_MAX
 from tdxcore.sched import PREEMPT, WaitOutOfGuest
-from tdxcore.status import OPERAND_ID_SEPT_TREE, TDX_OPERAND_BUSY  # type: ignore[attr-defined]
+from tdxcore.status import (  # type: ignore[attr-defined]
+    OPERAND_ID_RCX,
+    OPERAND_ID_SEPT_TREE,
+    OPERAND_ID_TD_EPOCH,
+    TDX_OPERAND_BUSY,
+    Leaf,
+)
 
 if TYPE_CHECKING:
     from tdxcore.kvm.tdx_vm import TdxVm
@@ -35,6 +41,8 @@ __all__ = ["Policy", "Linux618Policy", "Series2023Policy", "MAX_LOCAL_RETRIES", 
            "TRACK_RETRY_MAX", "POLICIES", "kick_all_vcpus"]
 
 _BUSY_SEPT_TREE = TDX_OPERAND_BUSY | OPERAND_ID_SEPT_TREE
+_BUSY_RCX = TDX_OPERAND_BUSY | OPERAND_ID_RCX
+_BUSY_TD_EPOCH = TDX_OPERAND_BUSY | OPERAND_ID_TD_EPOCH
 
 SeamcallFn = Callable[[], Any]
 
@@ -51,12 +59,32 @@ def kick_all_vcpus(vm: "TdxVm") -> Generator[Any, Any, None]:
     outside guest mode, so a kick can never deadlock with it.
     """
     vm.count("nr_kicks")
-    vcpus = [v for v in vm.vcpus if v.tdvpr is not None]
-    for v in vcpus:
-        if v.in_guest:
-            v.kick()                             # the IPI: it exits at its next instruction
-    vm.kvm.host.events.emit("kick", f"vm{vm.id}", sum(1 for v in vcpus if v.in_guest))
-    yield WaitOutOfGuest(vcpus)
+    acks = [_KickAck(v) for v in vm.vcpus if v.tdvpr is not None and v.in_guest]
+    for a in acks:
+        a.vcpu.kick()                            # the IPI: it exits at its next instruction
+    vm.kvm.host.events.emit("kick", f"vm{vm.id}", len(acks))
+    yield WaitOutOfGuest(acks)                   # the broadcast is a preemption point even if none
+
+
+class _KickAck:
+    """One kicked vCPU's acknowledgement: pending until it leaves the guest-mode span it was in.
+
+    ``kvm_make_all_cpus_request`` waits for each vCPU in guest mode at the time of the request to
+    leave it once; re-entering afterwards does not hold the requester back.
+    """
+
+    __slots__ = ("vcpu", "span")
+
+    def __init__(self, vcpu: Any) -> None:
+        self.vcpu = vcpu
+        self.span = vcpu.guest_mode_seq
+
+    @property
+    def in_guest(self) -> bool:
+        return bool(self.vcpu.in_guest and self.vcpu.guest_mode_seq == self.span)
+
+    def __repr__(self) -> str:
+        return f"kick ack of {self.vcpu!r}"
 
 
 class Policy(abc.ABC):
@@ -93,6 +121,14 @@ class Policy(abc.ABC):
     @abc.abstractmethod
     def bounds(self) -> Mapping[str, int]:
         """Name → bound of every retry count this policy keeps (for invariant S6d)."""
+
+    @abc.abstractmethod
+    def busy_allowlist(self) -> Tuple[Tuple[Leaf, int, bool], ...]:
+        """``(leaf, status, first_try_only)`` the policy survives as injected BUSY (SPEC §8 ``--busy``).
+
+        ``first_try_only``: inject only while no zap retry is in progress (6.18 never survives
+        a BUSY on the retry after its kick).
+        """
 
     def __repr__(self) -> str:
         return f"Policy.{self.name}"
@@ -133,6 +169,14 @@ class Linux618Policy(Policy):
     def bounds(self) -> Mapping[str, int]:
         """One zap retry per SEAMCALL; the local retry loop's model bound."""
         return {"zap_retries_per_call": 1, "local_retries_per_fault": MAX_LOCAL_RETRIES}
+
+    def busy_allowlist(self) -> Tuple[Tuple[Leaf, int, bool], ...]:
+        """AUG, SEPT.ADD: BUSY|SEPT_TREE or BUSY|RCX; the first try of BLOCK/TRACK/REMOVE; VP.ENTER."""
+        return ((Leaf.TDH_MEM_PAGE_AUG, _BUSY_SEPT_TREE, False), (Leaf.TDH_MEM_PAGE_AUG, _BUSY_RCX, False),
+                (Leaf.TDH_MEM_SEPT_ADD, _BUSY_SEPT_TREE, False), (Leaf.TDH_MEM_SEPT_ADD, _BUSY_RCX, False),
+                (Leaf.TDH_MEM_RANGE_BLOCK, _BUSY_SEPT_TREE, True), (Leaf.TDH_MEM_TRACK, _BUSY_TD_EPOCH, True),
+                (Leaf.TDH_MEM_PAGE_REMOVE, _BUSY_SEPT_TREE, True),
+                (Leaf.TDH_VP_ENTER, _BUSY_SEPT_TREE, False), (Leaf.TDH_VP_ENTER, _BUSY_TD_EPOCH, False))
 
 
 class Series2023Policy(Policy):
@@ -179,6 +223,15 @@ class Series2023Policy(Policy):
         """Return the wrapper's and TRACK's bounds (no local retry)."""
         return {"sept_retries_per_call": SEAMCALL_RETRY_MAX, "track_retries_per_call": TRACK_RETRY_MAX,
                 "local_retries_per_fault": 0}
+
+    def busy_allowlist(self) -> Tuple[Tuple[Leaf, int, bool], ...]:
+        """BUSY|SEPT_TREE on AUG, SEPT.ADD, BLOCK, REMOVE (the wrapper retries); TRACK; VP.ENTER."""
+        return ((Leaf.TDH_MEM_PAGE_AUG, _BUSY_SEPT_TREE, False),
+                (Leaf.TDH_MEM_SEPT_ADD, _BUSY_SEPT_TREE, False),
+                (Leaf.TDH_MEM_RANGE_BLOCK, _BUSY_SEPT_TREE, False),
+                (Leaf.TDH_MEM_PAGE_REMOVE, _BUSY_SEPT_TREE, False),
+                (Leaf.TDH_MEM_TRACK, _BUSY_TD_EPOCH, False),
+                (Leaf.TDH_VP_ENTER, _BUSY_SEPT_TREE, False), (Leaf.TDH_VP_ENTER, _BUSY_TD_EPOCH, False))
 
 
 Policy.LINUX_6_18 = Linux618Policy()

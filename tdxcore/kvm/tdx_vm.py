@@ -237,6 +237,11 @@ class TdxVm(Vm):
 
     # ------------------------------------------------------------------ properties
     @property
+    def pinned_pfns(self) -> frozenset:
+        """Private frames a failed zap leaked (``Leak.what == "private"``): never freed."""
+        return frozenset(lk.pfn for lk in self._leaks if lk.what == "private" and lk.pfn is not None)
+
+    @property
     def gpa_shared_mask(self) -> int:
         """The shared bit: GPA bit 47 (GPAW 48) or 51 (GPAW 52); 0 before KVM_TDX_INIT_VM."""
         return 1 << (self.gpaw - 1) if self.gpaw else 0

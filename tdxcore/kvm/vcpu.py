@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Generator, Iterable, Lis
 
 from tdxcore import guest as _guest
 from tdxcore.constants import PAGE_SHIFT, PAGE_SIZE, ExitReason
-from tdxcore.errors import TdxTypeError, check_int
+from tdxcore.errors import TdxTypeError, TdxValueError, check_int
 from tdxcore.kvm.ioctl import OK, Ret, ebadf, fail, fd_call, ioctl
 from tdxcore.kvm.run import GuestEvent, KvmRun, VeInfo
 from tdxcore.kvm.vcpu_run import SEPT_ZAP_MAX_WAITS, VP_ENTER_MAX_BUSY, vcpu_run
-from tdxcore.sched import PREEMPT, READ, WRITE, KLock, Wait
+from tdxcore.sched import PREEMPT, WRITE, KLock, Wait
 
 if TYPE_CHECKING:
     from tdxcore.kvm.tdx_vm import TdxVm
@@ -92,6 +92,7 @@ class Vcpu:
         self._head_ve: Optional[VeInfo] = None         # the #VE the queue head took, for its log
         self._last_accept_status = 0
         self._kick_pending = False                     # a kick's IPI not yet taken
+        self.guest_mode_seq = 0                        # guest-mode spans ended so far
         self.actor = f"vm{vm.id}.vcpu{vcpu_id}"
         #: What the next ``run()`` does first with userspace's answer to the last exit
         #: (``complete_userspace_io`` of upstream): ``fn(vcpu) -> Optional[Ret]`` — None resumes
@@ -362,7 +363,7 @@ class Vcpu:
         if gpa & (PAGE_SIZE - 1) or size & (PAGE_SIZE - 1) or size == 0 or gpa + size > (1 << 64):
             return fail(_errno.EINVAL, f"gpa {gpa:#x} size {size:#x}: unaligned, empty or wraps")
         owner = yield Wait(self.mutex, WRITE)
-        so = yield Wait(vm.srcu, READ)
+        so = vm.srcu.read_lock()
         try:
             if not getattr(vm, "pre_fault_allowed", False):
                 return fail(_errno.EOPNOTSUPP, "pre-faulting is allowed only after KVM_TDX_FINALIZE_VM")
@@ -406,7 +407,7 @@ class Vcpu:
                 return fail(-r, f"pre-fault of gpa {gpa:#x}: {_errno.errorcode.get(-r, r)}")
             return OK
         finally:
-            vm.srcu.release(so, READ)
+            vm.srcu.read_unlock(so)
             self.mutex.release(owner, WRITE)
 
     # ------------------------------------------------------------------ KVM_RUN
@@ -519,6 +520,21 @@ class Vcpu:
         ``guest_log``, guest progress for zero-step) at the next VP.ENTER.
         """
         self._events.append(check_int("vector", vector, 0, 256))
+
+    def clear_queue(self) -> int:
+        """Abandon the guest ops not yet completed (a program the guest gives up); return how many.
+
+        ``TdxValueError`` while a ``KVM_RUN`` holds the vCPU (its mutex is taken).
+        """
+        if self.mutex.holders():
+            msg = f"vCPU {self.vcpu_id} is in KVM_RUN: its queue cannot be cleared"
+            raise TdxValueError(msg, name="vcpu", value=self.vcpu_id)
+        n = len(self._queue) + len(self._ve_ops)
+        self._queue.clear()
+        self._ve_ops.clear()
+        self._head_ve = None
+        self.completion = None
+        return n
 
     def kick(self) -> None:
         """``kvm_vcpu_kick``: an IPI to a vCPU in the guest.

@@ -34,7 +34,7 @@ from tdxcore.kvm.fault import MMIO_SPTE, tdx_handle_ept_violation
 from tdxcore.kvm.ioctl import OK, Ret, fail
 from tdxcore.kvm.run import GuestEvent, Interrupt, VeInfo
 from tdxcore.module.guest_access import Access
-from tdxcore.sched import PREEMPT, READ, Wait
+from tdxcore.sched import PREEMPT
 from tdxcore.status import (  # type: ignore[attr-defined]
     TDX_OPERAND_BUSY,
     TDX_OPERAND_BUSY_HOST_PRIORITY,
@@ -117,11 +117,12 @@ def vcpu_run(vcpu: "Vcpu") -> Generator[Any, Any, Ret]:
             elif op.acquired:           # ... or during the entry phase: give the locks back
                 op.abort()
             vcpu._enter_op = None
-        owner = yield Wait(vm.srcu, READ)
+            vcpu.guest_mode_seq += 1    # one guest-mode span ended (what a kick waits for)
+        token = vm.srcu.read_lock()
         try:
             ret = yield from _handle_exit(vcpu, exit_)
         finally:
-            vm.srcu.release(owner, READ)
+            vm.srcu.read_unlock(token)
         if ret is not None:
             return ret
 

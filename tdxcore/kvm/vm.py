@@ -36,7 +36,7 @@ from tdxcore.kvm.ioctl import OK, Ret, ebadf, fail, fd_call, ioctl
 from tdxcore.kvm.memslot import Memslot, Memslots, UserMemoryRegion, kvm_set_memory_region
 from tdxcore.kvm.mmu import DirectMmu
 from tdxcore.kvm.policy import Policy
-from tdxcore.sched import WRITE, KLock, Wait
+from tdxcore.sched import WRITE, KLock, Srcu, Wait
 
 if TYPE_CHECKING:
     from tdxcore.kvm.kvm import Kvm
@@ -77,9 +77,9 @@ class Vm:
         self.slots_lock = KLock("slots_lock")
         self.lock = KLock("kvm->lock")
         self.mmu_lock = KLock("mmu_lock")
-        #: ``kvm->srcu``: vCPUs hold it for read while they handle an exit; a memslot delete or
-        #: move waits for those readers (``synchronize_srcu``) after marking the slot invalid.
-        self.srcu = KLock("kvm->srcu")
+        #: ``kvm->srcu``: vCPUs are readers while they handle an exit; a memslot delete or move
+        #: waits for the readers inside (``synchronize_srcu``) after marking the slot invalid.
+        self.srcu = Srcu("kvm->srcu")
         self.memslots = Memslots()
         self.policy: Policy = kvm.policy
         self.mem_attr = AttributeStore(kvm.store)      # kvm->mem_attr_array
@@ -112,6 +112,15 @@ class Vm:
     def has_private_mem(self) -> bool:
         """``kvm_arch_has_private_mem``: SW_PROTECTED and TDX VMs."""
         return self.type in (VmType.SW_PROTECTED, VmType.TDX)
+
+    @property
+    def pinned_pfns(self) -> frozenset:
+        """Frames the VM keeps pinned forever because a failed private unmap leaked them.
+
+        A guest_memfd punch or release never gives them back to the host (upstream: the page
+        reference taken at AUG is never dropped).
+        """
+        return frozenset()
 
     @property
     def gpa_shared_mask(self) -> int:

@@ -163,6 +163,7 @@ MODULE_EVENT_KINDS: Tuple[Tuple[str, Tuple[str, ...], Optional[str]], ...] = (
     ("td_exit", ("leaf", "cpu", "tdvpr", "epoch", "reason", "gfn"), "seamcall"),
     ("tdcall_begin", ("leaf", "cpu", "args", "gfn", "pfn"), "tdcall"),
     ("tdcall_end", ("leaf", "cpu", "status", "out", "gfn", "pfn"), "tdcall"),
+    ("inject", ("leaf", "status"), None),     # an armed injection fired (leaf of either space)
 )
 
 
@@ -349,7 +350,11 @@ class TdxModule:
         inj = self.injector
         if not inj.is_armed:
             return None
-        return inj.consult(InjectCall(leaf, regs[0], regs[1], regs[2], regs[3], cpu, actor))
+        st = inj.consult(InjectCall(leaf, regs[0], regs[1], regs[2], regs[3], cpu, actor))
+        if st is not None:
+            # tools tell an injected status from a conflict-born one by this edge
+            self.host.events.emit("inject", actor, int(leaf), int(st))
+        return st
 
     # ------------------------------------------------------------------ SEAMCALL
     def _check_cpu(self, cpu: Any) -> int:

@@ -83,6 +83,9 @@ def _run(v: Any, ops: List[Any], gmem: Any, discard: bool, log: List[Any]) -> Ge
         run = v.kvm_run
         if run.exit_reason == ExitReason.HLT:
             return run
+        if run.exit_reason == ExitReason.INTR:     # KVM_RUN -EINTR: userspace just runs again
+            ret = yield from v.run_gen()
+            continue
         assert run.exit_reason == ExitReason.HYPERCALL and run.hypercall.nr == HC.MAP_GPA_RANGE, run
         gpa, npages, attrs = run.hypercall.args[:3]
         log.append((v.vcpu_id, gpa, npages))

@@ -172,7 +172,9 @@ def vp_enter(tdx: "TdxModule", op: Op) -> Callable[[], None]:
         v.in_guest = False
         v.epoch = None
         v.actor = None
-        v.note_exit(reason, rip, injected_event)
+        # zero-step counts S-EPT violations only: a shared-GPA EPT violation is the shared EPT's
+        shared = td.sept is not None and bool(gpa & td.sept.shared_bit)
+        v.note_exit(reason, None if shared else rip, injected_event)
         return result(TDX_SUCCESS | (reason & 0xFFFF), qual, level, gpa, 0 if rip is None else rip)
 
     op._enter = enter
