@@ -14,6 +14,7 @@ One id may have both a structural and a sequence part; both run under that id.
 
 from tdxcore.invariants import exits as _exits  # noqa: F401  (I23: unknown TDVMCALLs stay in KVM)
 from tdxcore.invariants import kvm as _kvm  # noqa: F401  (KVM-layer invariants: I16, I21, I20kvm)
+from tdxcore.invariants import kvm_memory as _kvm_memory  # noqa: F401  (I06, I08-I14, S6a, S6d, S6e)
 from tdxcore.invariants import module as _module  # noqa: F401  (registers the built-ins)
 from tdxcore.invariants import temporal as _temporal  # noqa: F401
 from tdxcore.invariants.registry import (
