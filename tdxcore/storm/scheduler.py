@@ -285,6 +285,21 @@ class Scheduler:
                 live.remove(a)
             taken += 1
 
+    def choose(self) -> Optional[Actor]:
+        """Draw the next actor as :meth:`run` does (None when every actor is done).
+
+        Raises :class:`SchedDeadlock` when actors remain but none can run. The caller steps it
+        (:meth:`step`), which records it in :attr:`schedule`.
+        """
+        live = [a for a in self._actors if not a.done]
+        if not live:
+            return None
+        ready = [a for a in live if a.waiting_on is None or self._driver.runnable(a)]
+        if not ready:
+            msg = f"deadlock: no actor can run; {self._waiting()}"
+            raise SchedDeadlock(msg)
+        return ready[self._rng.randrange(len(ready))] if len(ready) > 1 else ready[0]
+
     # ------------------------------------------------------------------ diagnostics
     def _why(self, a: Actor) -> str:
         if a.done:

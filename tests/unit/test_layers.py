@@ -18,7 +18,8 @@ PKG = Path(tdxcore.__file__).resolve().parent
 BASE = {"status", "constants", "errors", "guest", "eventlog", "sched"}
 CORE = {"_sept", "_pamt", "_xarray", "_invalidate", "_busylock", "_atomic", "_alloc", "_defs", "_testing"}
 RANK = {"base": 0, "core": 1, "module": 2, "kvm": 3, "tools": 4}
-TOOLS = {"invariants", "storm", "explore", "trace", "cli", "helpers_cli", "bench", "demo", "__main__"}
+TOOLS = {"invariants", "storm", "explore", "trace", "cli", "cli_tools", "schemas", "helpers_cli", "bench",
+         "demo", "__main__"}
 
 
 def layer_of(parts: tuple[str, ...]) -> str:
