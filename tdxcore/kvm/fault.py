@@ -144,7 +144,7 @@ def kvm_mmu_page_fault(vcpu: "Vcpu", gpa: int, private: bool) -> Generator[Any, 
             vcpu._count("nr_fault_retries")
             result = RET_PF_RETRY
         elif private:
-            r = yield from vm.mmu.map_private_locked(gfn, pfn)
+            r = yield from vm.mmu.map_private_locked(gfn, pfn, vcpu.actor)
             result = (RET_PF_FIXED if r == 0 else RET_PF_RETRY if r == -_errno.EBUSY else r)
             if r == -_errno.EEXIST:
                 vm.bug(f"gfn {gfn:#x} is mapped to another page than its guest_memfd page {pfn:#x}")

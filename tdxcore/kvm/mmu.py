@@ -45,9 +45,9 @@ class MirrorOps(Protocol):
     """The mirror hooks (``kvm_x86_ops``) plus the page allocator for external page tables."""
 
     def link_external_spt(self, gfn: int, pg_level: int,  # noqa: D102
-                          spt: int) -> Generator[Any, Any, int]: ...
+                          spt: int, actor: str = "host") -> Generator[Any, Any, int]: ...
     def set_external_spte(self, gfn: int, pg_level: int,  # noqa: D102
-                          pfn: int) -> Generator[Any, Any, int]: ...
+                          pfn: int, actor: str = "host") -> Generator[Any, Any, int]: ...
     def remove_external_spte(self, gfn: int, pg_level: int,  # noqa: D102
                              pfn: int) -> Generator[Any, Any, int]: ...
     def free_external_spt(self, gfn: int, pg_level: int, spt: int) -> int: ...  # noqa: D102
@@ -146,8 +146,11 @@ class MirrorMmu:
         finally:
             self.mmu_lock.release(owner, READ)
 
-    def map_private_locked(self, gfn: int, pfn: int) -> Generator[Any, Any, int]:
-        """:meth:`map_private` for a caller that holds ``mmu_lock`` for read (the fault path)."""
+    def map_private_locked(self, gfn: int, pfn: int, actor: str = "host") -> Generator[Any, Any, int]:
+        """:meth:`map_private` for a caller that holds ``mmu_lock`` for read (the fault path).
+
+        ``actor`` names who issues the SEAMCALLs in the event log (the faulting vCPU).
+        """
         for lv in range(self.root_level, PG_LEVEL_4K, -1):
             key = (lv, gfn_round_for_level(gfn, lv))
             cur = self._nonleaf.get(key)
@@ -160,7 +163,7 @@ class MirrorMmu:
             except HostError:
                 return -_errno.ENOMEM
             self._nonleaf[key] = (spt, SpteState.FROZEN)
-            ret = yield from self.ops.link_external_spt(key[1], lv, spt)
+            ret = yield from self.ops.link_external_spt(key[1], lv, spt, actor)
             if ret:
                 del self._nonleaf[key]
                 self.ops.free_spt(spt)
@@ -172,7 +175,7 @@ class MirrorMmu:
                 return -_errno.EBUSY
             return 0 if cur[0] == pfn else -_errno.EEXIST
         self._leaves[gfn] = (pfn, SpteState.FROZEN)
-        ret = yield from self.ops.set_external_spte(gfn, PG_LEVEL_4K, pfn)
+        ret = yield from self.ops.set_external_spte(gfn, PG_LEVEL_4K, pfn, actor)
         if ret:
             del self._leaves[gfn]
             return ret

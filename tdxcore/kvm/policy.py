@@ -44,7 +44,8 @@ _BUSY_SEPT_TREE = TDX_OPERAND_BUSY | OPERAND_ID_SEPT_TREE
 _BUSY_RCX = TDX_OPERAND_BUSY | OPERAND_ID_RCX
 _BUSY_TD_EPOCH = TDX_OPERAND_BUSY | OPERAND_ID_TD_EPOCH
 
-SeamcallFn = Callable[[], Any]
+#: A SEAMCALL to issue (again): returns the in-flight generator (``TdxModule.*_op``).
+SeamcallFn = Callable[[], Generator[Any, Any, Any]]
 
 
 def _is_busy(res: Any) -> bool:
@@ -146,18 +147,17 @@ class Linux618Policy(Policy):
 
     def map_seamcall(self, vm: "TdxVm", call: SeamcallFn) -> Generator[Any, Any, Any]:
         """Try once: BUSY becomes -EBUSY → RET_PF_RETRY in the caller."""
-        return call()
-        yield  # a generator like every policy hook
+        return (yield from call())
 
     def zap_seamcall(self, vm: "TdxVm", call: SeamcallFn) -> Generator[Any, Any, Any]:
         """Try once; on BUSY set ``wait_for_sept_zap``, kick every vCPU out, retry once, clear."""
-        res = call()
+        res = yield from call()
         if _is_busy(res):
             vm.count("nr_zap_busy_retries")
             vm.wait_for_sept_zap = True          # tdx_no_vcpus_enter_start
             try:
                 yield from kick_all_vcpus(vm)
-                res = call()
+                res = yield from call()
             finally:
                 vm.wait_for_sept_zap = False     # tdx_no_vcpus_enter_stop
         return res
@@ -191,13 +191,13 @@ class Series2023Policy(Policy):
     local_retry = False
 
     def _sept(self, vm: "TdxVm", call: SeamcallFn) -> Generator[Any, Any, Any]:
-        res = call()
+        res = yield from call()
         tries = 0
         while res.status == _BUSY_SEPT_TREE and tries < SEAMCALL_RETRY_MAX:
             tries += 1
             vm.count("nr_sept_busy_retries")
             yield PREEMPT
-            res = call()
+            res = yield from call()
         return res
 
     def map_seamcall(self, vm: "TdxVm", call: SeamcallFn) -> Generator[Any, Any, Any]:
@@ -210,13 +210,13 @@ class Series2023Policy(Policy):
 
     def track(self, vm: "TdxVm", call: SeamcallFn) -> Generator[Any, Any, Any]:
         """Retry while BUSY (any operand), at most ``TRACK_RETRY_MAX`` extra tries."""
-        res = call()
+        res = yield from call()
         tries = 0
         while _is_busy(res) and tries < TRACK_RETRY_MAX:
             tries += 1
             vm.count("nr_track_busy_retries")
             yield PREEMPT
-            res = call()
+            res = yield from call()
         return res
 
     def bounds(self) -> Mapping[str, int]:

@@ -55,7 +55,8 @@ def _is_busy(res: Any) -> bool:
     return bool(res.status.base == TDX_OPERAND_BUSY)
 
 
-def tdx_sept_link_private_spt(vm: "TdxVm", gfn: int, pg_level: int, spt: int) -> Generator[Any, Any, int]:
+def tdx_sept_link_private_spt(vm: "TdxVm", gfn: int, pg_level: int, spt: int,
+                              actor: str = "host") -> Generator[Any, Any, int]:
     """``tdx_sept_link_private_spt``: TDH.MEM.SEPT.ADD at ``pg_level - 1``; 0, -EBUSY or -EIO.
 
     The SEAMCALL goes through the policy's map-path wrapper (6.18: once; 2023: retried while
@@ -64,7 +65,7 @@ def tdx_sept_link_private_spt(vm: "TdxVm", gfn: int, pg_level: int, spt: int) ->
     tdr = vm.tdr
     assert tdr is not None
     t, gpa, level = vm.kvm.host.tdx, _gpa(gfn), pg_level_to_tdx_sept_level(pg_level)
-    res = yield from vm.policy.map_seamcall(vm, lambda: t.tdh_mem_sept_add(tdr, gpa, level, spt))
+    res = yield from vm.policy.map_seamcall(vm, lambda: t.tdh_mem_sept_add_op(tdr, gpa, level, spt, actor=actor))
     if res.status == TDX_SUCCESS:
         return 0
     if _is_busy(res):
@@ -73,7 +74,8 @@ def tdx_sept_link_private_spt(vm: "TdxVm", gfn: int, pg_level: int, spt: int) ->
     return -_errno.EIO
 
 
-def tdx_sept_set_private_spte(vm: "TdxVm", gfn: int, pg_level: int, pfn: int) -> Generator[Any, Any, int]:
+def tdx_sept_set_private_spte(vm: "TdxVm", gfn: int, pg_level: int, pfn: int,
+                              actor: str = "host") -> Generator[Any, Any, int]:
     """``tdx_sept_set_private_spte``: premap before finalize, TDH.MEM.PAGE.AUG when RUNNABLE."""
     from tdxcore.kvm.tdx_vm import TdState
 
@@ -86,7 +88,7 @@ def tdx_sept_set_private_spte(vm: "TdxVm", gfn: int, pg_level: int, pfn: int) ->
     tdr = vm.tdr
     assert tdr is not None
     t, gpa, level = vm.kvm.host.tdx, _gpa(gfn), pg_level_to_tdx_sept_level(pg_level)
-    res = yield from vm.policy.map_seamcall(vm, lambda: t.tdh_mem_page_aug(tdr, gpa, level, pfn))
+    res = yield from vm.policy.map_seamcall(vm, lambda: t.tdh_mem_page_aug_op(tdr, gpa, level, pfn, actor=actor))
     if res.status == TDX_SUCCESS:
         return 0
     if _is_busy(res):
@@ -104,7 +106,7 @@ def tdx_track(vm: "TdxVm") -> Generator[Any, Any, None]:
     t = vm.kvm.host.tdx
     tdr = vm.tdr
     assert tdr is not None
-    res = yield from vm.policy.track(vm, lambda: t.tdh_mem_track(tdr))
+    res = yield from vm.policy.track(vm, lambda: t.tdh_mem_track_op(tdr))
     if res.status != TDX_SUCCESS:
         vm.bug(f"TDH.MEM.TRACK: {res.status.name}")
     yield from kick_all_vcpus(vm)
@@ -134,7 +136,7 @@ def tdx_sept_remove_private_spte(vm: "TdxVm", gfn: int, pg_level: int,
         return -_errno.EINVAL
     tdr, hkid, gpa, level = vm.tdr, vm.hkid, _gpa(gfn), pg_level_to_tdx_sept_level(pg_level)
     # tdx_sept_zap_private_spte
-    res = yield from vm.policy.zap_seamcall(vm, lambda: t.tdh_mem_range_block(tdr, gpa, level))
+    res = yield from vm.policy.zap_seamcall(vm, lambda: t.tdh_mem_range_block_op(tdr, gpa, level))
     if res.status != TDX_SUCCESS:
         if (vm.td_state != TdState.RUNNABLE and vm.nr_premapped > 0
                 and res.status == TDX_EPT_ENTRY_STATE_INCORRECT | OPERAND_ID_RCX):
@@ -146,7 +148,7 @@ def tdx_sept_remove_private_spte(vm: "TdxVm", gfn: int, pg_level: int,
         return -_errno.EIO
     yield from tdx_track(vm)
     # tdx_sept_drop_private_spte
-    res = yield from vm.policy.zap_seamcall(vm, lambda: t.tdh_mem_page_remove(tdr, gpa, level))
+    res = yield from vm.policy.zap_seamcall(vm, lambda: t.tdh_mem_page_remove_op(tdr, gpa, level))
     if res.status != TDX_SUCCESS:
         vm.bug(f"TDH.MEM.PAGE.REMOVE gfn={gfn:#x}: {res.status.name}")
         vm._leak(pfn, "private", f"TDH.MEM.PAGE.REMOVE: {res.status.name}")
@@ -183,13 +185,15 @@ class TdxMirrorOps:
     def __init__(self, vm: "TdxVm") -> None:
         self.vm = vm
 
-    def link_external_spt(self, gfn: int, pg_level: int, spt: int) -> Generator[Any, Any, int]:
+    def link_external_spt(self, gfn: int, pg_level: int, spt: int,
+                          actor: str = "host") -> Generator[Any, Any, int]:
         """See :func:`tdx_sept_link_private_spt`."""
-        return tdx_sept_link_private_spt(self.vm, gfn, pg_level, spt)
+        return tdx_sept_link_private_spt(self.vm, gfn, pg_level, spt, actor)
 
-    def set_external_spte(self, gfn: int, pg_level: int, pfn: int) -> Generator[Any, Any, int]:
+    def set_external_spte(self, gfn: int, pg_level: int, pfn: int,
+                          actor: str = "host") -> Generator[Any, Any, int]:
         """See :func:`tdx_sept_set_private_spte`."""
-        return tdx_sept_set_private_spte(self.vm, gfn, pg_level, pfn)
+        return tdx_sept_set_private_spte(self.vm, gfn, pg_level, pfn, actor)
 
     def remove_external_spte(self, gfn: int, pg_level: int, pfn: int) -> Generator[Any, Any, int]:
         """See :func:`tdx_sept_remove_private_spte`."""

@@ -719,6 +719,36 @@ class TdxModule:
         return self.seamcall(Leaf.TDH_MEM_PAGE_REMOVE, self._gpa_level(gpa, level), self._pa("tdr", tdr),
                              cpu=cpu, actor=actor)
 
+    # in-flight forms (SPEC §5): begin, a preemption point while the try-locks are held, complete
+    def tdh_mem_sept_add_op(self, tdr: int, gpa: int, level: int, page: int, *, cpu: Optional[int] = None,
+                            actor: str = "host") -> Generator[Any, Any, SeamcallResult]:
+        """:meth:`tdh_mem_sept_add` as a generator (:meth:`seamcall_op`)."""
+        return self.seamcall_op(Leaf.TDH_MEM_SEPT_ADD, self._gpa_level(gpa, level), self._pa("tdr", tdr),
+                                self._pa("page", page), cpu=cpu, actor=actor)
+
+    def tdh_mem_page_aug_op(self, tdr: int, gpa: int, level: int, page: int, *, cpu: Optional[int] = None,
+                            actor: str = "host") -> Generator[Any, Any, SeamcallResult]:
+        """:meth:`tdh_mem_page_aug` as a generator (:meth:`seamcall_op`)."""
+        return self.seamcall_op(Leaf.TDH_MEM_PAGE_AUG, self._gpa_level(gpa, level), self._pa("tdr", tdr),
+                                self._pa("page", page), cpu=cpu, actor=actor)
+
+    def tdh_mem_range_block_op(self, tdr: int, gpa: int, level: int, *, cpu: Optional[int] = None,
+                               actor: str = "host") -> Generator[Any, Any, SeamcallResult]:
+        """:meth:`tdh_mem_range_block` as a generator (:meth:`seamcall_op`)."""
+        return self.seamcall_op(Leaf.TDH_MEM_RANGE_BLOCK, self._gpa_level(gpa, level), self._pa("tdr", tdr),
+                                cpu=cpu, actor=actor)
+
+    def tdh_mem_track_op(self, tdr: int, *, cpu: Optional[int] = None,
+                         actor: str = "host") -> Generator[Any, Any, SeamcallResult]:
+        """:meth:`tdh_mem_track` as a generator (:meth:`seamcall_op`)."""
+        return self.seamcall_op(Leaf.TDH_MEM_TRACK, self._pa("tdr", tdr), cpu=cpu, actor=actor)
+
+    def tdh_mem_page_remove_op(self, tdr: int, gpa: int, level: int, *, cpu: Optional[int] = None,
+                               actor: str = "host") -> Generator[Any, Any, SeamcallResult]:
+        """:meth:`tdh_mem_page_remove` as a generator (:meth:`seamcall_op`)."""
+        return self.seamcall_op(Leaf.TDH_MEM_PAGE_REMOVE, self._gpa_level(gpa, level), self._pa("tdr", tdr),
+                                cpu=cpu, actor=actor)
+
     def tdh_mem_sept_remove(self, tdr: int, gpa: int, level: int, *, cpu: Optional[int] = None,
                             actor: str = "host") -> SeamcallResult:
         """TDH.MEM.SEPT.REMOVE (30)."""

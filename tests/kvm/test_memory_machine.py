@@ -508,7 +508,7 @@ def test_machine_catches_a_missing_shared_zap(monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "TEARDOWN_MAX_STEPS", 2000)
     with pytest.raises((AssertionError, InvariantViolation)):
         run_state_machine_as_test(MemoryMachine, settings=settings(
-            max_examples=60, stateful_step_count=25, deadline=None, database=None, phases=[Phase.generate]))
+            max_examples=200, stateful_step_count=25, deadline=None, database=None, phases=[Phase.generate]))
 
 
 # --------------------------------------------------------------------------------------------

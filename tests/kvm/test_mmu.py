@@ -20,12 +20,12 @@ class FakeOps:
     def _ret(self, name):
         return self.fail.pop(name, 0) if name in self.fail else 0
 
-    def link_external_spt(self, gfn, pg_level, spt):
+    def link_external_spt(self, gfn, pg_level, spt, actor="host"):
         yield from ()
         self.calls.append(("link", gfn, pg_level, spt, self.mmu_ref[0]._nonleaf[(pg_level, gfn)][1]))
         return self._ret("link")
 
-    def set_external_spte(self, gfn, pg_level, pfn):
+    def set_external_spte(self, gfn, pg_level, pfn, actor="host"):
         yield from ()
         self.calls.append(("set", gfn, pg_level, pfn, self.mmu_ref[0].leaf(gfn)[1]))
         return self._ret("set")

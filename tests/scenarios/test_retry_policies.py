@@ -278,7 +278,7 @@ def test_a19_accept_against_the_host_on_one_entry():
     # G is AUGed (PENDING) by a fault, then the guest's ACCEPT of G is in flight
     s = Scheduler(seed=0)
     a = s.add(v0.run_gen([guest.accept(BASE), guest.accept(BASE), guest.read(BASE)]), "vcpu0")
-    s.run_until(a, lambda y: any(op.leaf == tdx.TdcallLeaf.TDG_MEM_PAGE_ACCEPT for op in t.inflight.values()))
+    s.run_until(a, lambda y: any(isinstance(op.leaf, tdx.TdcallLeaf) for op in t.inflight.values()))
     res = t.tdh_mem_range_block(vm.tdr, BASE, 0)
     assert res.status == TDX_OPERAND_BUSY | OPERAND_ID_RCX           # lost: host-priority bit set
     s.step(a)                                                         # the in-flight ACCEPT completes
