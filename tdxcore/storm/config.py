@@ -100,6 +100,9 @@ class StormConfig:
         Attribute store backend.
     interleave : bool
         False (``--no-interleave``): each operation runs to completion before another starts.
+    threads : bool
+        Threaded mode (``--threads``): one OS thread per actor, invariants at quiescence, not
+        replayable.
     check_every : int
         Invariants after every N steps (0: only at the end).
     area_pages : int
@@ -120,6 +123,7 @@ class StormConfig:
     policy: str = "LINUX_6_18"
     store: str = "ranges"
     interleave: bool = True
+    threads: bool = False
     check_every: int = 1
     area_pages: int = 512
     gpa: int = 4 << 30
@@ -151,6 +155,12 @@ class StormConfig:
         if not isinstance(self.interleave, bool):
             msg = f"interleave={self.interleave!r} must be a bool"
             raise TdxTypeError(msg, name="interleave", value=self.interleave)
+        if not isinstance(self.threads, bool):
+            msg = f"threads={self.threads!r} must be a bool"
+            raise TdxTypeError(msg, name="threads", value=self.threads)
+        if self.threads and not self.interleave:
+            msg = "threads=True and interleave=False exclude each other"
+            raise TdxValueError(msg, name="threads", value=self.threads)
         check_int("check_every", self.check_every, 0, 1 << 40)
         check_int("area_pages", self.area_pages, 1, (1 << 20) + 1)
         check_int("gpa", self.gpa, 0, 1 << 46)

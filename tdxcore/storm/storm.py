@@ -59,6 +59,7 @@ class StormReport:
     vm_bugged: bool = False
     vm_dead: List[str] = field(default_factory=list)
     leaks: List[Dict[str, Any]] = field(default_factory=list)
+    replayable: bool = True
     host: Any = None
 
     @property
@@ -178,8 +179,19 @@ def run_storm(config: Optional[StormConfig] = None, *, progress: Optional[Callab
         return current
 
     ok = True
+    if cfg.threads:
+        from tdxcore.storm.threaded import run_threaded
+
+        def stop() -> None:
+            ctx.stop = True
+
+        counts = run_threaded(list(sched.actors), steps=cfg.steps, on_budget=stop)
+        steps = min(counts["steps"], cfg.steps)
+        rep.drain_steps = counts["steps"] - steps
+        rep.replayable = False
+        ok = check()                               # at quiescence: every thread has stopped
     deadline = None if cfg.seconds is None else t0 + cfg.seconds
-    while ok:
+    while ok and not cfg.threads:
         if deadline is None:
             if steps >= cfg.steps:
                 break
@@ -196,8 +208,8 @@ def run_storm(config: Optional[StormConfig] = None, *, progress: Optional[Callab
             progress(steps, cfg.steps)
     rep.steps = steps
     ctx.stop = True
-    drained = 0
-    while ok:
+    drained = rep.drain_steps
+    while ok and not cfg.threads:
         a = next_actor()
         if a is None:
             break
@@ -246,8 +258,8 @@ def replay(report: Any) -> StormReport:
     else:
         msg = f"report={report!r} must be a StormReport or a report.json dict"
         raise TdxValueError(msg, name="report", value=report)
-    if cfg.seconds is not None:
-        msg = "a storm bounded by --seconds is not replayable (its step count depends on speed)"
+    if cfg.seconds is not None or cfg.threads:
+        msg = "a storm bounded by --seconds or run --threads is not replayable (its schedule is the OS's)"
         raise TdxValueError(msg, name="report", value=cfg.seconds)
     again = run_storm(cfg)
     if again.events_digest != digest:

@@ -85,7 +85,7 @@ def test_cli_storm_writes_valid_files_and_replays(tmp_path, capsys):
 def test_cli_storm_usage_errors(capsys):
     assert main(["storm", "--busy", "2", "--quiet"]) == 2
     assert main(["storm", "--inject", "NOPE=1@0.5", "--quiet"]) == 2
-    assert main(["storm", "--threads", "--quiet"]) == 2
+    assert main(["storm", "--threads", "--no-interleave", "--quiet"]) == 2
     with pytest.raises(SystemExit) as ei:
         main(["storm", "--policy", "NOPE"])
     assert ei.value.code == 2
@@ -106,3 +106,14 @@ def test_a_broken_model_is_caught_with_the_invariant_id(monkeypatch, tmp_path, c
     rep = run_storm(StormConfig(steps=4000, seed=0, mix="convert", busy=0.0))
     assert rep.violation is not None and rep.violation["invariant"] in ("I10", "S6a", "I14")
     assert rep.violation["event_index"] is not None and "replay" in rep.violation["replay"]
+
+
+def test_threaded_storm_is_clean_and_not_replayable(tmp_path):
+    rep = run_storm(StormConfig(steps=1500, seed=3, threads=True))
+    assert rep.violation is None and not rep.replayable and rep.invariants_checked >= 1
+    if not rep.vm_bugged:
+        assert rep.leaks == []
+    obj = report_dict(rep)
+    validate_report(obj)
+    with pytest.raises(ValueError, match="not replayable"):
+        replay(obj)
