@@ -1,6 +1,6 @@
 """Command-line tools over recorded event logs and reports (tools layer; SPEC §8).
 
-``tdxcore.cli`` calls :func:`register` to add three subcommands:
+``tdxcore.cli`` calls :func:`register` to add five subcommands:
 
 ``tdxcore events FILE [--gfn N] [--pfn N] [--actor S] [--leaf NAME|NUM] [--kind K] [--limit N]``
     Print the events of a JSON Lines log (``--events``) that match every given filter, one per
@@ -11,6 +11,12 @@
 ``tdxcore explain REPORT``
     For a report whose ``violation`` is set, every event that touched the violation's gfn or
     frame, in order, up to and including the violation's event. Exit 0.
+``tdxcore campaign --seeds A:B --workers N [storm options] [--scheduler tcp://...]``
+    One storm per seed (:mod:`tdxcore.storm.campaign`), a progress bar, a summary table and, per
+    violation, the commands that reproduce it. Exit 0 if no violation, 1 otherwise.
+``tdxcore shrink REPORT``
+    Minimise a failing report (:mod:`tdxcore.storm.shrink`): write ``REPORT.min.json`` and print
+    its replay command. Exit 0 when written, 1 if the report does not reproduce.
 
 Any error (unreadable file, bad schema, bad option value) prints one line to stderr and
 exits 2.
@@ -40,7 +46,7 @@ from tdxcore.trace import format_event
 
 __all__ = ["register", "event_matcher", "matching_indices", "parse_leaf", "load_events", "cmd_events",
            "cmd_diff",
-           "cmd_explain", "ToolError"]
+           "cmd_explain", "cmd_campaign", "cmd_shrink", "ToolError"]
 
 _PAGE_SHIFT = 12
 _SHARED_BITS = (1 << 47) | (1 << 51)
@@ -324,8 +330,115 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
     return run
 
 
+# ---------------------------------------------------------------------------- campaign, shrink
+def _campaign_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    return {"vcpus": args.vcpus, "steps": args.steps, "mix": args.mix, "busy": args.busy,
+            "policy": args.policy, "interleave": not args.no_interleave, "check_every": args.check_every}
+
+
+def cmd_campaign(args: argparse.Namespace) -> int:
+    """``tdxcore campaign``: one storm per seed; 0 if no violation, 1 otherwise."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from tdxcore.storm.campaign import parse_seeds, run_campaign
+
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as e:
+        raise ToolError(str(e)) from None
+    kw = _campaign_kwargs(args)
+    console = Console()
+    bar = Progress(TextColumn("[bold]campaign"), BarColumn(), MofNCompleteColumn(), TextColumn("seeds"),
+                   TextColumn("{task.fields[found]}"), TimeElapsedColumn(), console=console,
+                   transient=True, disable=args.quiet)
+    task = bar.add_task("campaign", total=len(seeds), found="")
+    bad: List[int] = []
+
+    def progress(done: int, total: int, r: Dict[str, Any]) -> None:
+        if r["violation"] is not None:
+            bad.append(r["seed"])
+        bar.update(task, completed=done, found=f"{len(bad)} violation(s)" if bad else "")
+
+    try:
+        rep = run_campaign(seeds, kw, workers=args.workers, scheduler=args.scheduler, progress=progress,
+                           on_start=bar.start)
+    except ImportError as e:
+        raise ToolError(str(e)) from None
+    except (ValueError, TypeError) as e:
+        raise ToolError(str(e)) from None
+    finally:
+        bar.stop()
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(rep.to_dict(), fh, indent=1, sort_keys=True)
+            fh.write("\n")
+    where = f"Dask {rep.scheduler}" if rep.scheduler else f"{rep.workers} worker(s)"
+    steps = sum(r["steps"] for r in rep.results)
+    calls = sum(r["seamcalls"] for r in rep.results)
+    table = Table(title=f"tdxcore campaign: {len(seeds)} seed(s) {args.seeds}, {kw['policy']}, "
+                        f"mix {kw['mix']}, {kw['steps']:,} steps, {where}")
+    table.add_column("what")
+    table.add_column("figure")
+    table.add_row("storms (clean / KVM_BUG / violation)",
+                  f"{len(rep.results)} ({sum(r['clean'] for r in rep.results)} / {len(rep.bugged)} / "
+                  f"{len(rep.violations)})")
+    table.add_row("steps (storm + drain)", f"{steps:,}")
+    table.add_row("SEAMCALLs", f"{calls:,}")
+    rate = steps / max(rep.seconds, 1e-9)
+    table.add_row("wall time", f"{rep.seconds:,.1f} s ({rate:,.0f} steps/s overall)")
+    if rep.bugged:
+        table.add_row("KVM_BUG seeds", ", ".join(str(r["seed"]) for r in rep.bugged[:20]))
+    leaky = [r for r in rep.results if r["leaks"]]
+    if leaky:
+        table.add_row("leaking seeds", ", ".join(str(r["seed"]) for r in leaky[:20]))
+    table.add_row("violations", "none" if rep.ok else ", ".join(str(r["seed"]) for r in rep.violations))
+    console.print(table)
+    for r in rep.violations:
+        v = r["violation"]
+        print(f"seed {r['seed']}: invariant {v['invariant']} at event {v['event_index']} (step {v['step']}): "
+              f"{v['message']}")
+        for line in rep.replay_commands(r["seed"]):
+            print(f"  {line}")
+    return 0 if rep.ok else 1
+
+
+def _min_path(path: str) -> str:
+    root, ext = os.path.splitext(path)
+    return f"{root}.min{ext or '.json'}"
+
+
+def cmd_shrink(args: argparse.Namespace) -> int:
+    """``tdxcore shrink``: minimise a failing report; 0 when written, 1 if it does not reproduce."""
+    from tdxcore.storm.shrink import ShrinkError, shrink
+
+    rep = _read_report(args.report)
+    out = args.output or _min_path(args.report)
+    log: Optional[Callable[[str], None]] = None if args.quiet else (lambda m: print(m, file=sys.stderr))
+    try:
+        small = shrink(rep, max_runs=args.max_runs, log=log, report_name=os.path.basename(out))
+    except ShrinkError as e:
+        print(f"tdxcore shrink: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, KeyError) as e:
+        msg = f"{args.report}: {e}"
+        raise ToolError(msg) from None
+    with open(out, "w", encoding="utf-8") as fh:
+        json.dump(small, fh, indent=1, sort_keys=True)
+        fh.write("\n")
+    s = small["shrink"]
+    v = small["violation"]
+    print(f"shrunk {s['from']['steps']:,} -> {small['config']['steps']:,} steps, mix {s['from']['mix']} -> "
+          f"{small['config']['mix']}, vCPUs {s['from']['vcpus']} -> {small['config']['vcpus']} "
+          f"({s['runs']} runs, {s['seconds']:.1f} s): invariant {v['invariant']} at event {v['event_index']}")
+    print(f"wrote {out}")
+    print(f"  replay: tdxcore replay {out}")
+    return 0
+
+
 def register(subparsers: Any) -> None:
-    """Add ``events``, ``diff`` and ``explain`` to ``subparsers`` (from ``add_subparsers``).
+    """Add ``events``, ``diff``, ``explain``, ``campaign`` and ``shrink`` to ``subparsers``.
 
     Each sets ``func`` (``args.func(args) -> exit status``) and ``command``.
     """
@@ -356,6 +469,34 @@ def register(subparsers: Any) -> None:
                                            "or frame, in order, up to the violation's event.")
     ex.add_argument("report", metavar="REPORT", help="report.json of a storm (with events_file)")
     ex.set_defaults(func=_guard(cmd_explain), command="explain")
+
+    cp = subparsers.add_parser("campaign", help="one storm per seed, on local processes or Dask",
+                               description="Run the storm for every seed of --seeds (A:B is half-open) and "
+                                           "summarise; exit 1 if any seed violates an invariant.")
+    cp.add_argument("--seeds", required=True, help="A:B (range(A, B)), N, or a comma list of both")
+    cp.add_argument("--workers", type=_int, default=max(1, os.cpu_count() or 1),
+                    help="local worker processes (default: the CPU count)")
+    cp.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                    help="run on this Dask distributed scheduler (needs the dask extra)")
+    cp.add_argument("--vcpus", type=int, default=8, help="vCPU actors (default 8)")
+    cp.add_argument("--steps", type=int, default=20_000, help="scheduler steps per storm (default 20000)")
+    cp.add_argument("--mix", default="all", choices=["punch", "convert", "slots", "all", "none"])
+    cp.add_argument("--busy", type=float, default=0.05, help="BUSY injection probability (default 0.05)")
+    cp.add_argument("--policy", default="LINUX_6_18", choices=["LINUX_6_18", "SERIES_2023"])
+    cp.add_argument("--no-interleave", action="store_true", help="run each operation to completion")
+    cp.add_argument("--check-every", type=int, default=1, metavar="N", help="invariants every N steps")
+    cp.add_argument("--json", default=None, metavar="FILE", help="write the campaign summary as JSON")
+    cp.add_argument("--quiet", action="store_true", help="no progress bar")
+    cp.set_defaults(func=_guard(cmd_campaign), command="campaign")
+
+    sh = subparsers.add_parser("shrink", help="minimise a failing report to a short replayable one",
+                               description="Find the fewest steps, the smallest mix and the fewest vCPUs "
+                                           "that still violate REPORT's invariant; write REPORT.min.json.")
+    sh.add_argument("report", metavar="REPORT", help="report.json with a violation")
+    sh.add_argument("-o", "--output", default=None, help="output file (default REPORT.min.json)")
+    sh.add_argument("--max-runs", type=_int, default=200, help="bound on the storms run (default 200)")
+    sh.add_argument("--quiet", action="store_true", help="no per-run log")
+    sh.set_defaults(func=_guard(cmd_shrink), command="shrink")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

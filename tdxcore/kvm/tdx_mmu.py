@@ -65,7 +65,8 @@ def tdx_sept_link_private_spt(vm: "TdxVm", gfn: int, pg_level: int, spt: int,
     tdr = vm.tdr
     assert tdr is not None
     t, gpa, level = vm.kvm.host.tdx, _gpa(gfn), pg_level_to_tdx_sept_level(pg_level)
-    res = yield from vm.policy.map_seamcall(vm, lambda: t.tdh_mem_sept_add_op(tdr, gpa, level, spt, actor=actor))
+    res = yield from vm.policy.map_seamcall(
+        vm, lambda: t.tdh_mem_sept_add_op(tdr, gpa, level, spt, actor=actor))
     if res.status == TDX_SUCCESS:
         return 0
     if _is_busy(res):
@@ -88,7 +89,8 @@ def tdx_sept_set_private_spte(vm: "TdxVm", gfn: int, pg_level: int, pfn: int,
     tdr = vm.tdr
     assert tdr is not None
     t, gpa, level = vm.kvm.host.tdx, _gpa(gfn), pg_level_to_tdx_sept_level(pg_level)
-    res = yield from vm.policy.map_seamcall(vm, lambda: t.tdh_mem_page_aug_op(tdr, gpa, level, pfn, actor=actor))
+    res = yield from vm.policy.map_seamcall(
+        vm, lambda: t.tdh_mem_page_aug_op(tdr, gpa, level, pfn, actor=actor))
     if res.status == TDX_SUCCESS:
         return 0
     if _is_busy(res):

@@ -47,7 +47,7 @@ def run_threaded(actors: List[Actor], *, steps: int, on_budget: Callable[[], Non
     """
     driver = Driver(max_steps)
     cond = threading.Condition()
-    state = {"steps": 0, "budget_hit": False, "error": None}
+    state: Dict[str, Any] = {"steps": 0, "budget_hit": False, "error": None}
     errors: List[BaseException] = []
 
     def body(actor: Actor) -> None:
