@@ -152,6 +152,7 @@ def summary_rows(obj: Dict[str, Any]) -> list:
     for cause, d in obj["busy"].items():
         rows.append((f"BUSY ({cause})", ", ".join(f"{k} {v}" for k, v in d.items())))
     c = obj["counters"]
+    rows.append(("zero-step entries", f"{c.get('nr_zero_step_entries', 0):,}"))
     for k in ("kvm.nr_local_retries", "kvm.nr_fault_retries", "kvm.nr_zap_busy_retries",
               "kvm.nr_sept_busy_retries", "kvm.nr_track_busy_retries", "kvm.nr_kicks"):
         if k in c:
