@@ -60,6 +60,7 @@ class StormReport:
     vm_dead: List[str] = field(default_factory=list)
     leaks: List[Dict[str, Any]] = field(default_factory=list)
     replayable: bool = True
+    schedule: List[str] = field(default_factory=list)
     host: Any = None
 
     @property
@@ -221,6 +222,7 @@ def run_storm(config: Optional[StormConfig] = None, *, progress: Optional[Callab
             msg = f"the storm did not drain in {DRAIN_STEPS} steps"
             raise TdxValueError(msg, name="steps", value=steps)
     rep.drain_steps = drained
+    rep.schedule = sched.schedule
     rep.seconds = time.perf_counter() - t0
     rep.vm_bugged = vm.is_bugged
     rep.vm_dead = list(ctx.dead)
