@@ -22,10 +22,12 @@ from tdxcore._sept import SeptTree
 from tdxcore._xarray import AttributeStore
 from tdxcore.constants import PAMT_NO_OWNER, MemAttr, PageType
 from tdxcore.errors import InvariantViolation
-from tdxcore.status import OPERAND_ID_SEPT_TREE, TDX_SUCCESS, TdxStatus
+from tdxcore.status import OPERAND_ID_SEPT_TREE, TDX_SUCCESS, TdxStatus  # type: ignore[attr-defined]
 
 GPA_BASE = 4 << 30  # the selftests' private region starts at 4 GiB
 NR_2M = 512
+#: The invariant id the demo's own sanity checks raise under.
+_DEMO = "DEMO"
 
 
 @dataclass
@@ -44,7 +46,7 @@ def _check_all(what: str, statuses: np.ndarray, expected: int = TDX_SUCCESS) -> 
     bad = np.flatnonzero(statuses != expected)
     if bad.size:
         msg = f"{what}: {bad.size} pages returned {TdxStatus(int(statuses[bad[0]]))}"
-        raise InvariantViolation("DEMO", msg)
+        raise InvariantViolation(_DEMO, msg)
 
 
 def run_demo(seed: int = 0, nr_pages: int = 1 << 16) -> DemoReport:
@@ -94,14 +96,16 @@ def run_demo(seed: int = 0, nr_pages: int = 1 << 16) -> DemoReport:
     t0 = time.perf_counter()
     # The no-op check KVM makes first: this range is private, so there is work to do.
     if attrs.has_range(gfn0, gfn0 + NR_2M, ~0 & ((1 << 64) - 1), 0):
-        raise InvariantViolation("DEMO", "the private region already reads as shared")
+        msg = "the private region already reads as shared"
+        raise InvariantViolation(_DEMO, msg)
     attrs.reserve(gfn0, gfn0 + NR_2M)
     inval.begin(gfn0, gfn0 + NR_2M)
     inval.range_add(gfn0, gfn0 + NR_2M)
     seq_before = inval.seq
     # The zap: mmu_lock held for write; one BLOCK → TRACK → REMOVE per 4K page (6.18).
     if sept_lock.try_exclusive() != TDX_SUCCESS:
-        raise InvariantViolation("DEMO", "S-EPT tree lock unexpectedly busy")
+        msg = "S-EPT tree lock unexpectedly busy"
+        raise InvariantViolation(_DEMO, msg)
     nr_seamcalls = 0
     for i in range(NR_2M):
         g = gfns_2m[i : i + 1]

@@ -120,6 +120,7 @@ class TdxStatus(int):
     __slots__ = ()
 
     def __new__(cls, value: int = 0) -> "TdxStatus":
+        """Build a status from a 64-bit value (``TdxTypeError``/``TdxValueError`` otherwise)."""
         if isinstance(value, bool) or not isinstance(value, int):
             from tdxcore.errors import TdxTypeError
 

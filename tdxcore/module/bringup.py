@@ -40,9 +40,8 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generator, List, Optional, Tuple
 
-from tdxcore.constants import PAGE_SHIFT, PAGE_SIZE, RDRAND_RETRY_LOOPS
+from tdxcore.constants import LOW_RESERVED_FRAMES, PAGE_SHIFT, PAGE_SIZE, RDRAND_RETRY_LOOPS
 from tdxcore.errors import HostError
-from tdxcore.constants import LOW_RESERVED_FRAMES
 from tdxcore.module.leaves.sys import (
     MAX_RESERVED_AREAS,
     MAX_TDMRS,

@@ -339,7 +339,7 @@ class TdxModule:
 
     def _injected(self, leaf: "Leaf | TdcallLeaf", regs: Tuple[int, ...] = (0, 0, 0, 0),
                   cpu: Optional[int] = None, actor: str = "host") -> Optional[TdxStatus]:
-        """The status to inject for this call, if any (bring-up step failures first)."""
+        """Return the status to inject for this call, if any (bring-up step failures first)."""
         if isinstance(leaf, Leaf) and leaf in self._fail:
             arm = self._fail[leaf]
             arm[1] -= 1
@@ -474,7 +474,7 @@ class TdxModule:
     def seamcall_op(self, leaf: Leaf, rcx: int = 0, rdx: int = 0, r8: int = 0, r9: int = 0,
                     r10: int = 0, r11: int = 0, *, cpu: Optional[int] = None,
                     actor: str = "host") -> Generator[Any, Any, SeamcallResult]:
-        """The generator form of one SEAMCALL (SPEC §5): ``begin``, a preemption point, ``complete``.
+        """Run one SEAMCALL as a generator (SPEC §5): ``begin``, a preemption point, ``complete``.
 
         An op that took its try-locks yields ``PREEMPT`` once while it holds them, so under a
         :class:`~tdxcore.storm.scheduler.Scheduler` other actors run while it is in flight and

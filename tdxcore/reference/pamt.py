@@ -21,7 +21,7 @@ from tdxcore.constants import (
     PageType,
 )
 from tdxcore.errors import TdxTypeError, TdxValueError, check_int
-from tdxcore.status import (
+from tdxcore.status import (  # type: ignore[attr-defined]
     TDX_OPERAND_BUSY,
     TDX_OPERAND_BUSY_HOST_PRIORITY,
     TDX_PAGE_METADATA_INCORRECT,

@@ -31,7 +31,7 @@ from tdxcore.constants import (
 )
 from tdxcore.errors import TdxTypeError, TdxValueError, check_int, check_u64_array
 from tdxcore.reference.pamt import Pamt
-from tdxcore.status import (
+from tdxcore.status import (  # type: ignore[attr-defined]
     OPERAND_ID_R8,
     OPERAND_ID_RCX,
     OPERAND_ID_SEPT_TREE,

@@ -68,7 +68,7 @@ class AttributeStore:
         return sys.getsizeof(self._attrs)
 
     def __getitem__(self, gfn: int) -> int:
-        """Same as :meth:`get`."""
+        """Return the attribute word of ``gfn`` (same as :meth:`get`)."""
         return self.get(gfn)
 
     def get(self, gfn: int) -> int:
@@ -117,7 +117,7 @@ class AttributeStore:
         _check_order(s, e)
 
     def has_range(self, start: int, end: int, mask: int, attrs: int) -> bool:
-        """True iff every gfn in [start, end) has (word & mask) == attrs."""
+        """Return True iff every gfn in [start, end) has (word & mask) == attrs."""
         s, e = _range_args(start, end)
         m = check_int("mask", mask, 0, _U64_LIMIT)
         a = check_int("attrs", attrs, 0, _U64_LIMIT)
@@ -140,7 +140,7 @@ class AttributeStore:
         return runs
 
     def runs_array(self) -> npt.NDArray[np.uint64]:
-        """The maximal non-zero runs as an (n, 3) uint64 array."""
+        """Return the maximal non-zero runs as an (n, 3) uint64 array."""
         return np.array(self._run_list(), dtype=np.uint64).reshape(-1, 3)
 
     def runs(self) -> Iterator[Tuple[int, int, int]]:

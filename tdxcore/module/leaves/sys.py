@@ -44,8 +44,16 @@ import struct
 from typing import TYPE_CHECKING, Dict, List, Tuple
 
 from tdxcore.constants import (
-    MAX_RESERVED_AREAS, MAX_TDMRS, PAMT_ENTRY_SIZE, PAMT_LEVEL_SHIFTS, TDMR_ALIGN, TDMR_INFO_ALIGN,
-    PAGE_SHIFT, PAGE_SIZE, TDMR_INFO_SIZE, TDMR_INIT_PAMT_ENTRIES,
+    MAX_RESERVED_AREAS,
+    MAX_TDMRS,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PAMT_ENTRY_SIZE,
+    PAMT_LEVEL_SHIFTS,
+    TDMR_ALIGN,
+    TDMR_INFO_ALIGN,
+    TDMR_INFO_SIZE,
+    TDMR_INIT_PAMT_ENTRIES,
 )
 from tdxcore.module.tdx_module import Handler, SeamcallResult, SysState, Tdmr, result
 from tdxcore.status import (  # type: ignore[attr-defined]
