@@ -191,7 +191,7 @@ class Kvm:
             pre = cls._pre_create(self)
             if pre[0] < 0:
                 return pre
-            vm = cls(self, VmType(t), self._nr_vms)
+            vm = cls(self, VmType(t), self.host.next_vm_id())
             self._nr_vms += 1
             out.append(vm)
             return vm.fd, ""

@@ -160,6 +160,7 @@ class Host:
         self.nr_frames = mem >> PAGE_SHIFT
         self._counters: Dict[str, int] = {n: 0 for n in HOST_COUNTERS}
         self._by_leaf: Dict[Any, int] = {}                 # Leaf -> SEAMCALLs issued
+        self._vm_seq = 0                                   # next_vm_id()
         self._busy: Dict[Tuple[Any, int], int] = {}        # (leaf, operand) -> BUSY results
         self._rngs: Dict[str, random.Random] = {}
         self.events = EventLog()
@@ -377,6 +378,11 @@ class Host:
         self._busy[key] = self._busy.get(key, 0) + 1
 
     # ------------------------------------------------------------------ VMs, leaks
+    def next_vm_id(self) -> int:
+        """Return a host-unique VM number (every ``Kvm`` on the host draws from it: ``vmN`` stays unique)."""
+        self._vm_seq += 1
+        return self._vm_seq - 1
+
     def register_vm(self, vm: Any) -> None:
         """Attach ``vm`` so tools can find it (``TdxValueError`` if already registered)."""
         if any(v is vm for v in self._vms):
