@@ -895,7 +895,13 @@ class TdxVm(Vm):
         return (yield from super().kvm_gmem_invalidate(gmem, start, end))
 
     def zap_private_locked(self, start: int, end: int) -> Generator[Any, Any, List[int]]:
-        """Zap the mirror leaves of ``[start, end)`` (mmu_lock write held); return the gfns that failed."""
+        """Zap the mirror leaves of ``[start, end)`` (mmu_lock write held); return the gfns that failed.
+
+        A policy with a ``zap_range(vm, gfns)`` generator method zaps the range itself (the hook of
+        :mod:`tdxcore.kvm.policy_batched`, not upstream); 6.18 zaps page by page below.
+        """
+        if hasattr(self.policy, "zap_range"):
+            return (yield from self.policy.zap_range(self, self.mmu.leaves_in(start, end)))
         failed = []
         for gfn in self.mmu.leaves_in(start, end):
             leaf = self.mmu.leaf(gfn)
