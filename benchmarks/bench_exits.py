@@ -51,7 +51,7 @@ def _bare_runs(td, n):
 
 
 def _info(benchmark, row, n, size):
-    mean = benchmark.stats.stats.mean
+    mean = benchmark.stats.stats.mean if benchmark.stats is not None else None   # --benchmark-disable
     benchmark.extra_info.update({"row": row, "round_trips": n, "size": size, "seed": SEED,
                                  "round_trips_per_s": round(n / mean) if mean else None})
 
