@@ -36,23 +36,16 @@ Example
 
 from __future__ import annotations
 
-import errno as _errno
-from functools import partial
 from typing import TYPE_CHECKING, Any, Generator, List, Sequence, Set
 
-from tdxcore.constants import PAGE_SHIFT, PG_LEVEL_4K
 from tdxcore.kvm.mmu import SpteState
 from tdxcore.kvm.policy import Linux618Policy
-from tdxcore.kvm.tdx_mmu import pg_level_to_tdx_sept_level, tdx_track
-from tdxcore.status import TDX_SUCCESS  # type: ignore[attr-defined]
+from tdxcore.kvm.tdx_mmu import tdx_sept_drop_private_spte, tdx_sept_zap_private_spte, tdx_track
 
 if TYPE_CHECKING:
     from tdxcore.kvm.tdx_vm import TdxVm
 
 __all__ = ["BatchedTrackPolicy", "BATCHED_TRACK"]
-
-_LEVEL_4K = pg_level_to_tdx_sept_level(PG_LEVEL_4K)
-
 
 class BatchedTrackPolicy(Linux618Policy):
     """6.18's retries, with one TRACK + kick per zapped range instead of per page (not upstream).
@@ -77,9 +70,7 @@ class BatchedTrackPolicy(Linux618Policy):
         from tdxcore.kvm.tdx_vm import TdState
 
         if vm.td_state != TdState.RUNNABLE or vm.hkid is None or vm.tdr is None:
-            return (yield from _zap_per_page(vm, gfns))
-        host = vm.kvm.host
-        t, tdr = host.tdx, vm.tdr
+            return (yield from vm.zap_leaves_per_page(gfns))
         # The mirror's leaf table: a frozen SPTE is (pfn, FROZEN), a cleared one is absent
         # (MirrorMmu.zap_private_leaf_locked does the same for one page).
         leaves = vm.mmu._leaves
@@ -95,12 +86,8 @@ class BatchedTrackPolicy(Linux618Policy):
                 pfn = cur[0]
                 leaves[gfn] = (pfn, SpteState.FROZEN)
                 frozen.add(gfn)
-                gpa = gfn << PAGE_SHIFT
-                res = yield from self.zap_seamcall(vm, partial(t.tdh_mem_range_block_op, tdr, gpa, _LEVEL_4K))
-                if res.status != TDX_SUCCESS:
-                    vm.bug(f"TDH.MEM.RANGE.BLOCK gfn={gfn:#x}: {res.status.name}")
-                    vm._leak(pfn, "private", f"TDH.MEM.RANGE.BLOCK: {res.status.name}")
-                    failed.append(gfn)
+                if (yield from tdx_sept_zap_private_spte(vm, gfn, pfn)):
+                    failed.append(gfn)           # KVM_BUG and a private leak, as the per-page path
                     _clear(leaves, frozen, gfn)
                     continue
                 blocked.append(gfn)
@@ -112,7 +99,7 @@ class BatchedTrackPolicy(Linux618Policy):
             for gfn in blocked:
                 pfn = leaves[gfn][0]
                 try:
-                    if (yield from _drop(vm, gfn, pfn)):
+                    if (yield from tdx_sept_drop_private_spte(vm, gfn, pfn)):
                         failed.append(gfn)
                 finally:
                     _clear(leaves, frozen, gfn)
@@ -126,42 +113,6 @@ def _clear(leaves: Any, frozen: Set[int], gfn: int) -> None:
     """Make the frozen mirror SPTE of ``gfn`` non-present."""
     leaves.pop(gfn, None)
     frozen.discard(gfn)
-
-
-def _zap_per_page(vm: "TdxVm", gfns: Sequence[int]) -> Generator[Any, Any, List[int]]:
-    """Zap as the default loop of ``TdxVm.zap_private_locked`` does: one hook call per present leaf."""
-    failed = []
-    for gfn in gfns:
-        leaf = vm.mmu.leaf(gfn)
-        if leaf is None or leaf[1] != SpteState.PRESENT:
-            continue
-        if (yield from vm.mmu.zap_private_leaf_locked(gfn)):
-            failed.append(gfn)
-    return failed
-
-
-def _drop(vm: "TdxVm", gfn: int, pfn: int) -> Generator[Any, Any, int]:
-    """``tdx_sept_drop_private_spte`` (6.18): REMOVE (policy retry), WBINVD(hkid), erratum clear.
-
-    Returns 0, or -EIO with the VM bugged and ``pfn`` recorded as a ``private`` leak.
-    """
-    host = vm.kvm.host
-    t, tdr, hkid = host.tdx, vm.tdr, vm.hkid
-    assert tdr is not None and hkid is not None
-    gpa = gfn << PAGE_SHIFT
-    res = yield from vm.policy.zap_seamcall(vm, lambda: t.tdh_mem_page_remove_op(tdr, gpa, _LEVEL_4K))
-    if res.status != TDX_SUCCESS:
-        vm.bug(f"TDH.MEM.PAGE.REMOVE gfn={gfn:#x}: {res.status.name}")
-        vm._leak(pfn, "private", f"TDH.MEM.PAGE.REMOVE: {res.status.name}")
-        return -_errno.EIO
-    res = t.tdh_phymem_page_wbinvd(pfn, hkid)
-    if res.status != TDX_SUCCESS:
-        vm.bug(f"TDH.PHYMEM.PAGE.WBINVD gfn={gfn:#x}: {res.status.name}")
-        vm._leak(pfn, "private", f"TDH.PHYMEM.PAGE.WBINVD: {res.status.name}")
-        return -_errno.EIO
-    if host.cpu_erratum_pw_mce:
-        host.frame_clear(pfn)                   # tdx_quirk_reset_page
-    return 0
 
 
 #: The shared instance (``Kvm(host, policy=BATCHED_TRACK)``); not in ``POLICIES`` (not upstream).

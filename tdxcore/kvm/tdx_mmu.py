@@ -39,12 +39,19 @@ if TYPE_CHECKING:
     from tdxcore.kvm.tdx_vm import TdxVm
 
 __all__ = ["pg_level_to_tdx_sept_level", "tdx_sept_link_private_spt", "tdx_sept_set_private_spte",
-           "tdx_sept_remove_private_spte", "tdx_sept_free_private_spt", "tdx_track", "TdxMirrorOps"]
+           "tdx_sept_remove_private_spte", "tdx_sept_zap_private_spte", "tdx_sept_drop_private_spte",
+           "tdx_sept_free_private_spt", "tdx_track", "TdxMirrorOps", "ZAP_PREMAPPED"]
 
 
 def pg_level_to_tdx_sept_level(pg_level: int) -> int:
     """``pg_level_to_tdx_sept_level``: KVM's 1 = 4K → the module's 0 = 4K."""
     return pg_level - PG_LEVEL_4K
+
+
+#: The module's level of a 4K leaf (private mappings are 4K only, SPEC §4.12).
+_LEVEL_4K = PG_LEVEL_4K - PG_LEVEL_4K
+#: :func:`tdx_sept_zap_private_spte`'s "nothing to remove" (a premapped page never added).
+ZAP_PREMAPPED = 1
 
 
 def _gpa(gfn: int) -> int:
@@ -53,6 +60,16 @@ def _gpa(gfn: int) -> int:
 
 def _is_busy(res: Any) -> bool:
     return bool(res.status.base == TDX_OPERAND_BUSY)
+
+
+def _map_errno(vm: "TdxVm", leaf: str, gfn: int, res: Any) -> int:
+    """Map a map-path status to an errno: SUCCESS 0, BUSY -EBUSY (RET_PF_RETRY), else KVM_BUG + -EIO."""
+    if res.status == TDX_SUCCESS:
+        return 0
+    if _is_busy(res):
+        return -_errno.EBUSY
+    vm.bug(f"{leaf} gfn={gfn:#x}: {res.status.name}")
+    return -_errno.EIO
 
 
 def tdx_sept_link_private_spt(vm: "TdxVm", gfn: int, pg_level: int, spt: int,
@@ -67,12 +84,7 @@ def tdx_sept_link_private_spt(vm: "TdxVm", gfn: int, pg_level: int, spt: int,
     t, gpa, level = vm.kvm.host.tdx, _gpa(gfn), pg_level_to_tdx_sept_level(pg_level)
     res = yield from vm.policy.map_seamcall(
         vm, lambda: t.tdh_mem_sept_add_op(tdr, gpa, level, spt, actor=actor))
-    if res.status == TDX_SUCCESS:
-        return 0
-    if _is_busy(res):
-        return -_errno.EBUSY
-    vm.bug(f"TDH.MEM.SEPT.ADD gfn={gfn:#x}: {res.status.name}")
-    return -_errno.EIO
+    return _map_errno(vm, "TDH.MEM.SEPT.ADD", gfn, res)
 
 
 def tdx_sept_set_private_spte(vm: "TdxVm", gfn: int, pg_level: int, pfn: int,
@@ -91,12 +103,7 @@ def tdx_sept_set_private_spte(vm: "TdxVm", gfn: int, pg_level: int, pfn: int,
     t, gpa, level = vm.kvm.host.tdx, _gpa(gfn), pg_level_to_tdx_sept_level(pg_level)
     res = yield from vm.policy.map_seamcall(
         vm, lambda: t.tdh_mem_page_aug_op(tdr, gpa, level, pfn, actor=actor))
-    if res.status == TDX_SUCCESS:
-        return 0
-    if _is_busy(res):
-        return -_errno.EBUSY
-    vm.bug(f"TDH.MEM.PAGE.AUG gfn={gfn:#x}: {res.status.name}")
-    return -_errno.EIO
+    return _map_errno(vm, "TDH.MEM.PAGE.AUG", gfn, res)
 
 
 def tdx_track(vm: "TdxVm") -> Generator[Any, Any, None]:
@@ -122,10 +129,6 @@ def tdx_sept_remove_private_spte(vm: "TdxVm", gfn: int, pg_level: int,
     On a TD whose HKID KVM_TDX_TERMINATE_VM released (the opt-in extension), the page is
     reclaimed directly instead (:func:`tdx_reclaim_terminated_private_page`).
     """
-    from tdxcore.kvm.tdx_vm import TdState
-
-    host = vm.kvm.host
-    t = host.tdx
     if vm.hkid is None and vm.tdr is not None and getattr(vm, "terminated", False):
         return tdx_reclaim_terminated_private_page(vm, gfn, pg_level, pfn)
     if vm.hkid is None or vm.tdr is None:
@@ -136,21 +139,48 @@ def tdx_sept_remove_private_spte(vm: "TdxVm", gfn: int, pg_level: int,
         vm.bug(f"remove_external_spte at pg_level {pg_level}")
         vm._leak(pfn, "private", "zap of a huge page")
         return -_errno.EINVAL
-    tdr, hkid, gpa, level = vm.tdr, vm.hkid, _gpa(gfn), pg_level_to_tdx_sept_level(pg_level)
-    # tdx_sept_zap_private_spte
-    res = yield from vm.policy.zap_seamcall(vm, lambda: t.tdh_mem_range_block_op(tdr, gpa, level))
+    ret = yield from tdx_sept_zap_private_spte(vm, gfn, pfn)
+    if ret:
+        return 0 if ret == ZAP_PREMAPPED else ret
+    yield from tdx_track(vm)
+    return (yield from tdx_sept_drop_private_spte(vm, gfn, pfn))
+
+
+def tdx_sept_zap_private_spte(vm: "TdxVm", gfn: int, pfn: int) -> Generator[Any, Any, int]:
+    """``tdx_sept_zap_private_spte`` (6.18): TDH.MEM.RANGE.BLOCK of one 4K page (policy retry).
+
+    Returns 0 (blocked), :data:`ZAP_PREMAPPED` (before finalize, a premapped page never
+    PAGE.ADDed: BLOCK answers ``EPT_ENTRY_STATE_INCORRECT|RCX``, ``nr_premapped`` is decremented
+    and nothing is left to remove), or -EIO with the VM bugged and ``pfn`` recorded as a
+    ``private`` leak.
+    """
+    from tdxcore.kvm.tdx_vm import TdState
+
+    t, tdr, gpa = vm.kvm.host.tdx, vm.tdr, _gpa(gfn)
+    assert tdr is not None
+    res = yield from vm.policy.zap_seamcall(vm, lambda: t.tdh_mem_range_block_op(tdr, gpa, _LEVEL_4K))
     if res.status != TDX_SUCCESS:
         if (vm.td_state != TdState.RUNNABLE and vm.nr_premapped > 0
                 and res.status == TDX_EPT_ENTRY_STATE_INCORRECT | OPERAND_ID_RCX):
             # tdx_is_sept_zap_err_due_to_premap: premapped, never PAGE.ADDed; unpin
             vm.nr_premapped -= 1
-            return 0
+            return ZAP_PREMAPPED
         vm.bug(f"TDH.MEM.RANGE.BLOCK gfn={gfn:#x}: {res.status.name}")
         vm._leak(pfn, "private", f"TDH.MEM.RANGE.BLOCK: {res.status.name}")
         return -_errno.EIO
-    yield from tdx_track(vm)
-    # tdx_sept_drop_private_spte
-    res = yield from vm.policy.zap_seamcall(vm, lambda: t.tdh_mem_page_remove_op(tdr, gpa, level))
+    return 0
+
+
+def tdx_sept_drop_private_spte(vm: "TdxVm", gfn: int, pfn: int) -> Generator[Any, Any, int]:
+    """``tdx_sept_drop_private_spte`` (6.18): REMOVE (policy retry), WBINVD(hkid), erratum clear.
+
+    The page must be blocked and tracked. Returns 0, or -EIO with the VM bugged and ``pfn``
+    recorded as a ``private`` leak (it stays pinned).
+    """
+    host = vm.kvm.host
+    t, tdr, hkid, gpa = host.tdx, vm.tdr, vm.hkid, _gpa(gfn)
+    assert tdr is not None and hkid is not None
+    res = yield from vm.policy.zap_seamcall(vm, lambda: t.tdh_mem_page_remove_op(tdr, gpa, _LEVEL_4K))
     if res.status != TDX_SUCCESS:
         vm.bug(f"TDH.MEM.PAGE.REMOVE gfn={gfn:#x}: {res.status.name}")
         vm._leak(pfn, "private", f"TDH.MEM.PAGE.REMOVE: {res.status.name}")

@@ -902,8 +902,12 @@ class TdxVm(Vm):
         """
         if hasattr(self.policy, "zap_range"):
             return (yield from self.policy.zap_range(self, self.mmu.leaves_in(start, end)))
+        return (yield from self.zap_leaves_per_page(self.mmu.leaves_in(start, end)))
+
+    def zap_leaves_per_page(self, gfns: Any) -> Generator[Any, Any, List[int]]:
+        """Zap each present mirror leaf at ``gfns`` through the remove hook (6.18's per-page zap)."""
         failed = []
-        for gfn in self.mmu.leaves_in(start, end):
+        for gfn in gfns:
             leaf = self.mmu.leaf(gfn)
             if leaf is None or leaf[1] != SpteState.PRESENT:
                 continue
