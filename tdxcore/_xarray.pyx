@@ -869,13 +869,19 @@ cdef class AttributeStore:
                     self._new_nodes = NULL
                     return 0
                 g = (g | XA_CHUNK_MASK) + 1
-        # Roll back: detach new nodes from old parents, free them all, restore the root.
+        # Roll back: detach new nodes from old parents, then free them all, restore the root.
+        # Two passes: a node's parent may itself be new and listed *before* it (a root grown by
+        # two levels: the list is newest first), so no parent may be freed while a child still
+        # looks at it (an ASan heap-use-after-free before; tests/hardening/test_core_regressions).
         n = self._new_nodes
         while n != NULL:
-            nx = n.new_next
             if n.parent != NULL and not n.parent.fresh:
                 n.parent.slots[n.offset] = 0
                 n.parent.count -= 1
+            n = n.new_next
+        n = self._new_nodes
+        while n != NULL:
+            nx = n.new_next
             tdx_free(&self._mem, n, sizeof(xa_node))
             n = nx
         self._new_nodes = NULL
