@@ -6,7 +6,8 @@ so the C cores and the Python layers read the same numbers (STYLE §2.1). Both f
 generated and git-ignored.
 
 Environment:
-    TDXCORE_SANITIZE=1   compile the cores with AddressSanitizer + UBSan (clang), for hardening runs.
+    TDXCORE_SANITIZE=1   compile the cores with AddressSanitizer + UBSan (clang; $CC or the first clang
+                         found), for hardening runs: build out of tree with ``.ci/sanitize``.
     TDXCORE_ONLY=_sept,_pamt   build only these cores (a development shortcut; installs build all).
 """
 
@@ -16,6 +17,7 @@ import enum
 import glob
 import os
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -123,12 +125,23 @@ def generate_defs() -> None:
             path.write_text(text)
 
 
+def _clang() -> str:
+    """The clang to use for TDXCORE_SANITIZE=1 (unversioned first, then the newest clang-N)."""
+    for name in ["clang"] + [f"clang-{v}" for v in range(20, 13, -1)]:
+        if shutil.which(name):
+            return name
+    sys.exit("TDXCORE_SANITIZE=1 needs clang (Debian: apt-get install clang-14 libclang-rt-14-dev)")
+
+
 def extensions() -> list[Extension]:
     sanitize = os.environ.get("TDXCORE_SANITIZE") == "1"
     cflags = ["-O2", "-Wno-unused-function", "-Wno-unreachable-code"]
     ldflags: list[str] = []
     if sanitize:
-        cflags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined"]
+        # clang only (-shared-libasan: the cores link the runtime CPython gets by LD_PRELOAD).
+        os.environ.setdefault("CC", _clang())
+        cflags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                  "-Wno-unused-function", "-Wno-unreachable-code"]
         ldflags = ["-fsanitize=address,undefined", "-shared-libasan"]
     only = {m for m in os.environ.get("TDXCORE_ONLY", "").split(",") if m}
     exts = []

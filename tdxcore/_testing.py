@@ -13,7 +13,8 @@ import importlib
 
 __all__: list[str] = []
 
-for _core in ("_sept", "_pamt", "_xarray", "_invalidate", "_busylock"):
+# _probe: the sanitizer probes (probe_asan, probe_oob_write, probe_ub_shift; issue 10).
+for _core in ("_sept", "_pamt", "_xarray", "_invalidate", "_busylock", "_probe"):
     _mod = importlib.import_module(f"tdxcore.{_core}")
     for _name in dir(_mod):
         if _name.startswith("_testing_"):

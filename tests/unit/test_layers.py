@@ -16,10 +16,11 @@ import tdxcore
 PKG = Path(tdxcore.__file__).resolve().parent
 
 BASE = {"status", "constants", "errors", "guest", "eventlog", "sched"}
-CORE = {"_sept", "_pamt", "_xarray", "_invalidate", "_busylock", "_atomic", "_alloc", "_defs", "_testing"}
+CORE = {"_sept", "_pamt", "_xarray", "_invalidate", "_busylock", "_atomic", "_alloc", "_defs", "_testing",
+        "_probe"}
 RANK = {"base": 0, "core": 1, "module": 2, "kvm": 3, "tools": 4}
 TOOLS = {"invariants", "storm", "explore", "trace", "cli", "cli_tools", "schemas", "helpers_cli", "bench",
-         "demo", "__main__"}
+         "demo", "__main__", "benchplot"}
 
 
 def layer_of(parts: tuple[str, ...]) -> str:

@@ -1,0 +1,9 @@
+"""Stub of tdxcore._probe (sanitizer probes; reached only through tdxcore._testing)."""
+
+from typing import Any, Dict
+
+__test__: Dict[str, str]
+
+def _testing_asan() -> bool: ...
+def _testing_oob_write(size: Any = ...) -> None: ...
+def _testing_ub_shift(bits: Any) -> int: ...
