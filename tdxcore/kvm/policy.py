@@ -102,6 +102,9 @@ class Policy(abc.ABC):
 
     name: ClassVar[str] = "abstract"
     local_retry: ClassVar[bool] = True
+    #: Whether the local retry stops on an invalid memslot (the 6.18 fix; False only in explore's
+    #: deliberately broken ``NO_MEMSLOT_CHECK`` variant).
+    local_retry_memslot_check: ClassVar[bool] = True
 
     #: The built-in policies (set below).
     LINUX_6_18: ClassVar["Policy"]

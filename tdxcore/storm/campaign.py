@@ -21,7 +21,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 from tdxcore.errors import TdxTypeError, TdxValueError, check_int
 from tdxcore.storm.config import StormConfig
 
-__all__ = ["CampaignReport", "run_campaign", "run_seed", "parse_seeds", "storm_command", "DASK_MISSING"]
+__all__ = ["CampaignReport", "run_campaign", "run_seed", "parse_seeds", "storm_command", "DASK_MISSING",
+           "run_tasks"]
 
 #: The message when ``--scheduler`` is given but Dask is not installed.
 DASK_MISSING = ("Dask distributed is not installed: install the optional extra "
@@ -264,3 +265,44 @@ def run_campaign(seeds: Iterable[int], config_kwargs: Optional[Dict[str, Any]] =
     results.sort(key=lambda r: r["seed"])
     nr_workers = 0 if scheduler is not None else workers
     return CampaignReport(kw, results, time.perf_counter() - t0, nr_workers, where)
+
+
+def run_tasks(fn: Callable[..., Any], args: List[Any], *, workers: int = 2, scheduler: Any = None,
+              progress: Optional[Callable[[int, int], None]] = None) -> List[Any]:
+    """Run ``fn(*a)`` for every tuple ``a`` of ``args`` on the campaign engine; results in ``args`` order.
+
+    The generic form of a campaign (the explorer's subtrees use it): a
+    ``ProcessPoolExecutor`` of ``workers`` local processes, or, with ``scheduler``, a Dask
+    distributed cluster (``ImportError`` naming the ``dask`` extra if it is missing). ``fn``
+    must be a picklable top-level function; ``progress(done, total)`` runs in the parent.
+    """
+    check_int("workers", workers, 1, 1025)
+    if not args:
+        return []
+    out: List[Any] = [None] * len(args)
+    if scheduler is None:
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=min(workers, len(args))) as pool:
+            futs = {pool.submit(fn, *a): i for i, a in enumerate(args)}
+            for n, f in enumerate(as_completed(futs), 1):
+                out[futs[f]] = f.result()
+                if progress is not None:
+                    progress(n, len(args))
+        return out
+    try:
+        from distributed import Client  # type: ignore[import-not-found, unused-ignore]
+    except ImportError as e:
+        raise ImportError(DASK_MISSING) from e
+    own = not isinstance(scheduler, Client)
+    client = Client(scheduler) if own else scheduler
+    try:
+        pending = [client.submit(fn, *a, pure=False) for a in args]
+        for i, f in enumerate(pending):
+            out[i] = f.result()
+            if progress is not None:
+                progress(i + 1, len(args))
+    finally:
+        if own:
+            client.close()
+    return out

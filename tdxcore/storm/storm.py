@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from tdxcore.constants import PAGE_SIZE
-from tdxcore.errors import InvariantViolation, TdxValueError
+from tdxcore.errors import InvariantViolation, TdxError, TdxValueError
 from tdxcore.invariants import check_invariants
 from tdxcore.kvm import Kvm, helpers
 from tdxcore.kvm.policy import POLICIES
@@ -252,11 +252,21 @@ def replay(report: Any) -> StormReport:
 
     ``report`` is a :class:`StormReport` or the dict of a ``report.json``.
     """
+    if isinstance(report, dict) and report.get("schema") == "tdxcore.explore/1":
+        from tdxcore.explore.report import replay_counterexample  # an explorer counterexample
+
+        return replay_counterexample(report)  # type: ignore[no-any-return]
     if isinstance(report, StormReport):
         cfg, digest = report.config, report.events_digest
     elif isinstance(report, dict):
-        cfg = StormConfig.from_dict(report["config"])
-        digest = int(str(report["events_digest"]), 0)
+        try:
+            cfg = StormConfig.from_dict(report["config"])
+            digest = int(str(report["events_digest"]), 0)
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, TdxError):
+                raise
+            msg = f"report is not a storm report.json: {type(e).__name__}: {e}"   # a missing key, bad digest
+            raise TdxValueError(msg, name="report", value=sorted(map(str, report))) from None
     else:
         msg = f"report={report!r} must be a StormReport or a report.json dict"
         raise TdxValueError(msg, name="report", value=report)
