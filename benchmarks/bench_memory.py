@@ -7,6 +7,15 @@ Groups (each with its baseline row in the same run):
   #VE → TDG.MEM.PAGE.ACCEPT → the read completes → HLT. Every round takes the next fresh page of
   one TD (``pedantic`` setup, not timed). Baseline ``bare_run``: ``vcpu.run`` of a read of an
   already-mapped page (entry → read → HLT, no fault). SPEC §9 target: ≤ 5 µs per fault.
+* ``memory.fault_floor`` — the CPython floor of that fault (SPEC §9 asks ≤ 5 µs). Row ``floor``
+  executes only what the model's contract makes irreducible for one private fault, with minimal
+  bodies: the 12 scheduler steps (SPEC §5 preemption points: the vCPU mutex, two VP.ENTER entry
+  phases, the guest's steps, the pfn resolution, ``mmu_lock``, the in-flight AUG and ACCEPT) as
+  ``send``s through generator chains of the real path's depths (``FAULT_STEP_DEPTHS``, measured
+  with ``gi_yieldfrom``), the 15 events through :meth:`EventLog.emit` (their content and digest
+  are part of the contract), and the four module leaves (VP.ENTER ×2, AUG, ACCEPT) as one call
+  each with three try-locks, a state change and their begin/end events. Baseline
+  ``private_fault``: the real fault of ``memory.private_fault``, in the same run.
 * ``memory.convert_2m`` — one KVM_SET_MEMORY_ATTRIBUTES round trip private → shared → private of
   a 2 MiB range whose 512 pages are mapped (the to-shared half zaps each: BLOCK, TRACK + kick,
   REMOVE), per attribute store backend (``Kvm(host, store=...)``). Baseline: the same round trip
@@ -29,9 +38,11 @@ import pytest
 
 from tdxcore import guest
 from tdxcore.constants import PAGE_SHIFT, PAGE_SIZE, ExitReason, MemAttr
+from tdxcore.eventlog import EventLog
 from tdxcore.kvm import Kvm, helpers
 from tdxcore.kvm.policy import Policy
 from tdxcore.module.host import Host
+from tdxcore.sched import PREEMPT
 from tdxcore.storm.scheduler import Scheduler
 
 SEED = 20261122
@@ -102,6 +113,119 @@ def test_private_fault(benchmark, row):
         "faults_per_s": round(1 / median) if row == "private_fault" and median else None})
     assert not td.vm.is_bugged
     td.close()
+
+
+# ------------------------------------------------------------------ memory.fault_floor
+#: Generator-chain depth at each of the 12 yields of one private fault through ``vcpu.run``
+#: (``actor.gen.gi_yieldfrom`` followed after each step; 38 frame resumes in all).
+FAULT_STEP_DEPTHS = (1, 2, 3, 4, 4, 8, 2, 3, 3, 4, 3, 1)
+FLOOR_ROUNDS = 2000
+
+
+def _nest(depth):
+    if depth <= 1:
+        yield PREEMPT
+        return 0
+    return (yield from _nest(depth - 1))
+
+
+def _floor_leaf(locks, state, emit, actor, leaf, gfn):
+    """One module leaf at its minimum: three try-locks, the state change, begin and end events."""
+    ka, kb, kc = ("tdr", 1), ("op_state", 1), ("entry", gfn)
+    if ka in locks or kb in locks or kc in locks:
+        return 1
+    locks[ka] = locks[kb] = locks[kc] = actor
+    emit("seamcall_begin", actor, leaf, 0, (gfn << 12, 1 << 12, 0, 0, 0, 0), gfn, None)
+    state[gfn] = leaf
+    del locks[ka], locks[kb], locks[kc]
+    emit("seamcall_end", actor, leaf, 0, 0, (0, 0, 0, 0, 0, 0), gfn, None)
+    return 0
+
+
+def _floor_fault_gen(gfn, locks, state, emit, actor):
+    """Do the fault's irreducible work: 12 yields at the real depths, 4 leaves, 15 events."""
+    depths = FAULT_STEP_DEPTHS
+    yield from _nest(depths[0])                                # KVM_RUN takes the vCPU mutex
+    _floor_leaf(locks, state, emit, actor, 0, 0)               # VP.ENTER begin/end
+    emit("td_enter", actor, 0, 0, 1, 0, 0)
+    yield from _nest(depths[1])
+    yield from _nest(depths[2])                                # in the guest: the read misses
+    emit("td_exit", actor, 0, 0, 1, 0, 48, gfn)
+    yield from _nest(depths[3])                                # fault: resolve the pfn
+    yield from _nest(depths[4])                                # mmu_lock for read
+    _floor_leaf(locks, state, emit, actor, 6, gfn)             # TDH.MEM.PAGE.AUG, in flight
+    yield from _nest(depths[5])
+    emit("fault", actor, gfn << 12, 1, 0, 5)
+    _floor_leaf(locks, state, emit, actor, 0, 0)               # VP.ENTER again
+    emit("td_enter", actor, 0, 0, 1, 0, 0)
+    for d in depths[6:11]:                                     # guest: #VE, ACCEPT in flight, read
+        yield from _nest(d)
+    emit("guest_ve", actor, gfn << 12, "pending")
+    _floor_leaf(locks, state, emit, actor, 6, gfn)             # TDG.MEM.PAGE.ACCEPT
+    emit("td_exit", actor, 0, 0, 1, 0, 12, None)
+    emit("ioctl", "host", "KVM_RUN", 0, 0)
+    yield from _nest(depths[11])
+    return 0
+
+
+def _floor_events() -> EventLog:
+    log = EventLog()
+    for kind, fields in (("td_enter", ("leaf", "cpu", "tdvpr", "epoch", "zero_step")),
+                         ("td_exit", ("leaf", "cpu", "tdvpr", "epoch", "reason", "gfn")),
+                         ("fault", ("gpa", "private", "seq", "result")),
+                         ("guest_ve", ("gpa", "kind")), ("ioctl", ("name", "vm", "errno"))):
+        log.register_kind(kind, fields)
+    return log
+
+
+def _floor_run(gen):
+    """Drive ``gen`` at the minimum: send until StopIteration (no wait to resolve)."""
+    send = gen.send
+    try:
+        while True:
+            send(None)
+    except StopIteration as stop:
+        return stop.value
+
+
+@pytest.mark.benchmark(group="memory.fault_floor")
+@pytest.mark.parametrize("row", ["floor", "private_fault"])
+def test_fault_floor(benchmark, row):
+    """The CPython floor of one private fault (row ``floor``) against the real one."""
+    if row == "private_fault":
+        td = _td(memory=MIB2 * 2)
+        vcpu = td.vcpus[0]
+        pages = iter(range(1, 1 + FAULT_ROUNDS + 2))
+        _run_hlt(vcpu, [guest.read(BASE)])
+        n_log = len(vcpu.guest_log)
+
+        def setup():
+            return ([guest.read(BASE + (next(pages) << PAGE_SHIFT))],), {}
+
+        benchmark.pedantic(vcpu.run, setup=setup, rounds=FAULT_ROUNDS, iterations=1, warmup_rounds=0)
+        log = vcpu.guest_log[n_log:]
+        assert log and all(e.value == 0 and e.ve is not None for e in log)
+        assert vcpu.stats["nr_ept_violations"] == len(log)
+        assert not td.vm.is_bugged
+        td.close()
+    else:
+        events = _floor_events()
+        locks: dict = {}
+        state: dict = {}
+        gfns = iter(range(1, FLOOR_ROUNDS + 2))
+
+        def setup():
+            return (_floor_fault_gen(next(gfns), locks, state, events.emit, "vm0.vcpu0"),), {}
+
+        benchmark.pedantic(_floor_run, setup=setup, rounds=FLOOR_ROUNDS, iterations=1, warmup_rounds=0)
+        n = len(state) - 1                                      # gfn 0 is the VP.ENTERs' key
+        assert n >= 1 and not locks and len(events) == 15 * n
+    times, median = _timing(benchmark, 1e6, "us")
+    benchmark.extra_info.update(_machine())
+    benchmark.extra_info.update({
+        "row": row, "unit": "one private fault", **times, "target_us_per_fault": 5.0,
+        "steps": len(FAULT_STEP_DEPTHS), "frame_resumes": sum(FAULT_STEP_DEPTHS), "events": 15,
+        "leaves": 4})
 
 
 # ------------------------------------------------------------------ memory.convert_2m

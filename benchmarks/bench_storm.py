@@ -10,6 +10,14 @@ Group ``storm.default``: the default storm (8 vCPUs, mix ``all``, 5% BUSY, ``LIN
 ``build_seconds``, measured once with ``steps=0``, is that fixed cost); ``extra_info`` also holds
 steps (storm + drain), SEAMCALLs, events, and the storm loop's own rates (``loop_steps_per_s``,
 ``loop_seamcalls_per_s``, from the report's ``seconds``, which excludes the build).
+
+Group ``storm.vcpus`` (SPEC issue 9 item 3: 64 vCPUs within 2× the per-step cost of 8): the
+default storm with invariants every 1,000 steps for ``VCPU_STEPS`` steps at 8 vCPUs (the baseline
+row ``vcpus_8``) and at 64 (``vcpus_64``). A round is one :func:`run_storm`; the per-step cost
+is taken over the storm phase only (from the progress callback at step 1,000 to the last one, so
+neither the build nor the drain — whose length differs with the number of vCPUs — is in it),
+``extra_info``: ``us_per_step_storm`` (best round), ``us_per_step_loop`` (storm + drain over the
+report's ``seconds``), and in the 64 row ``ratio_to_8`` when the 8 row ran first in the session.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ IMPLS = {"every_step": {"check_every": 1}, "every_1000": {"check_every": 1000},
          "no_interleave": {"check_every": 1000, "interleave": False},
          "threaded": {"check_every": 1000, "threads": True}}
 _BUILD: dict = {}
+VCPU_STEPS = 6_000
+_PER_STEP: dict = {}                                          # vcpus -> best storm-phase s/step
 
 
 def _build_seconds() -> float:
@@ -61,3 +71,33 @@ def test_storm(benchmark, impl):
                                  "build_seconds": round(build, 4),
                                  "loop_steps_per_s": round(steps / loop),
                                  "loop_seamcalls_per_s": round(calls / loop)})
+
+
+@pytest.mark.benchmark(group="storm.vcpus")
+@pytest.mark.parametrize("vcpus", [8, 64], ids=["vcpus_8", "vcpus_64"])
+def test_storm_vcpus(benchmark, vcpus):
+    """Per-step cost of the default storm at 8 (baseline) and 64 vCPUs, invariants every 1,000."""
+    cfg = StormConfig(steps=VCPU_STEPS, seed=SEED, vcpus=vcpus, check_every=1000)
+    reps, phase = [], []
+
+    def run() -> None:
+        marks = []
+        reps.append(run_storm(cfg, progress=lambda s, _t: marks.append((s, time.perf_counter()))))
+        (s0, t0), (s1, t1) = marks[0], marks[-1]
+        phase.append((t1 - t0) / (s1 - s0))
+
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
+    rep = reps[-1]
+    assert rep.violation is None and rep.clean and rep.steps == VCPU_STEPS
+    assert len({r.events_digest for r in reps}) == 1
+    per_step = min(phase)
+    _PER_STEP[vcpus] = per_step
+    steps = rep.steps + rep.drain_steps
+    info = {"vcpus": vcpus, "steps": rep.steps, "drain_steps": rep.drain_steps,
+            "check_every": cfg.check_every,
+            "us_per_step_storm": round(per_step * 1e6, 2),
+            "us_per_step_loop": round(min(r.seconds for r in reps) / steps * 1e6, 2),
+            "seamcalls": int(rep.counters.get("nr_seamcalls_total", 0)), "target_ratio": 2.0}
+    if vcpus != 8 and 8 in _PER_STEP:
+        info["ratio_to_8"] = round(per_step / _PER_STEP[8], 3)
+    benchmark.extra_info.update(info)

@@ -101,6 +101,8 @@ def check_int(name: str, value: Any, lo: int, hi: int) -> int:
     TdxValueError
         ``value`` is outside ``[lo, hi)``.
     """
+    if type(value) is int and lo <= value < hi:     # the hot case: a plain int in range
+        return value
     if isinstance(value, bool):
         msg = f"{name}={value!r} must be an int, not bool"
         raise TdxTypeError(msg, name=name, value=value)

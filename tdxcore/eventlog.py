@@ -82,6 +82,22 @@ def _enc(x: Any, out: List[bytes]) -> None:
         raise TdxTypeError(msg, name="fields", value=x)
 
 
+#: The field types :meth:`EventLog.emit` accepts without looking further (subclasses go to
+#: :func:`_check_field`: an IntEnum is an int, a bool is refused nowhere but encoded by value).
+_PLAIN_TYPES = frozenset({int, str, type(None)})
+
+#: str -> its encoding ``s<len>:<utf-8>``, for the few hundred names events repeat (kinds, actors).
+_STR_ENC: Dict[str, bytes] = {}
+
+
+def _str_enc(x: str) -> bytes:
+    b = x.encode("utf-8")
+    e = b"s%d:" % len(b) + b
+    if len(_STR_ENC) < 65536 and len(x) <= 64:
+        _STR_ENC[x] = e
+    return e
+
+
 def _check_field(x: Any) -> None:
     """Raise TdxTypeError unless ``x`` is an int, str, None or a tuple of those (recursively)."""
     if x is None or isinstance(x, (int, str)):
@@ -127,13 +143,14 @@ class EventLog:
     (the module emits under ``TdxModule``'s locks). SPEC §3.5.
     """
 
-    __slots__ = ("_events", "_hash", "_hashed", "_kinds")
+    __slots__ = ("_events", "_hash", "_hashed", "_kinds", "_arity")
 
     def __init__(self) -> None:
         self._events: List[Event] = []
         self._hash = hashlib.blake2b(digest_size=8, person=b"tdxevents")
         self._hashed = 0          # events[:_hashed] are folded into _hash (digest() catches up)
         self._kinds: Dict[str, Tuple[Tuple[str, ...], Optional[str]]] = dict(BASE_KINDS)
+        self._arity: Dict[str, int] = {k: len(f) for k, (f, _) in BASE_KINDS.items()}   # emit's check
 
     # ------------------------------------------------------------------ kinds
     def register_kind(self, kind: str, fields: Tuple[str, ...], leaf_space: Optional[str] = None) -> None:
@@ -175,6 +192,7 @@ class EventLog:
             msg = f"kind={kind!r} is already declared as {old!r}, not {new!r}"
             raise TdxValueError(msg, name="kind", value=kind)
         self._kinds[kind] = new
+        self._arity[kind] = len(fields)
 
     @property
     def kinds(self) -> Mapping[str, Tuple[Tuple[str, ...], Optional[str]]]:
@@ -206,6 +224,27 @@ class EventLog:
         TdxTypeError
             ``actor`` is not a str, or a field has another type (nothing is appended).
         """
+        # Hot path (every model step emits): one dict lookup for the arity, exact-type tests for
+        # the plain fields and for the items of flat tuples; anything else takes the checked path.
+        if self._arity.get(kind) != len(fields) or type(actor) is not str:
+            self._check_head(kind, actor, fields)
+        # Validate every field before anything changes; hashing is deferred to digest(), which
+        # encodes the same immutable tuples in order (so emit stays cheap on hot paths). The
+        # common case, only int/str/None fields, is one C-level test; else field by field.
+        if not _PLAIN_TYPES.issuperset(map(type, fields)):
+            for x in fields:
+                t = type(x)
+                if t is tuple:
+                    if not _PLAIN_TYPES.issuperset(map(type, x)):
+                        _check_field(x)
+                elif t is not int and t is not str and x is not None:
+                    _check_field(x)
+        events = self._events
+        events.append((kind, actor, *fields))
+        return len(events) - 1
+
+    def _check_head(self, kind: str, actor: str, fields: Tuple[Any, ...]) -> None:
+        """Raise for an undeclared kind, a wrong field count or a non-str actor (emit's slow path)."""
         spec = self._kinds.get(kind)
         if spec is None:
             msg = f"kind={kind!r} is not a declared event kind"
@@ -216,16 +255,6 @@ class EventLog:
         if not isinstance(actor, str):
             msg = f"actor={actor!r} must be a str"
             raise TdxTypeError(msg, name="actor", value=actor)
-        # Validate every field before anything changes; hashing is deferred to digest(), which
-        # encodes the same immutable tuples in order (so emit stays cheap on hot paths).
-        for x in fields:
-            t = type(x)
-            if t is int or t is str or x is None:
-                continue
-            _check_field(x)
-        ev = (kind, actor) + fields
-        self._events.append(ev)
-        return len(self._events) - 1
 
     # ------------------------------------------------------------------ read
     def __len__(self) -> int:
@@ -255,8 +284,32 @@ class EventLog:
         evs, n = self._events, len(self._events)
         if self._hashed < n:
             out: List[bytes] = []
+            put = out.append
+            strs = _STR_ENC
+            # encode_event's bytes, unrolled for the common shapes: str / int / None fields and
+            # flat tuples of them; anything else (a nested tuple, an int subclass) goes to _enc
             for ev in evs[self._hashed:n]:
-                _enc(ev, out)
+                put(b"t%d:" % len(ev))
+                for x in ev:
+                    t = type(x)
+                    if t is int:
+                        put(b"i%d;" % x)
+                    elif t is str:
+                        b = strs.get(x)
+                        if b is None:
+                            b = _str_enc(x)
+                        put(b)
+                    elif x is None:
+                        put(b"n")
+                    elif t is tuple:
+                        put(b"t%d:" % len(x))
+                        for y in x:
+                            if type(y) is int:
+                                put(b"i%d;" % y)
+                            else:
+                                _enc(y, out)
+                    else:
+                        _enc(x, out)
             self._hash.update(b"".join(out))
             self._hashed = n
         return int.from_bytes(self._hash.digest(), "little")
@@ -362,8 +415,12 @@ class EventLog:
             Missing/unknown schema, a malformed line, an event count or digest mismatch.
         """
         if isinstance(path_or_file, (str, os.PathLike)):
-            with open(path_or_file, encoding="utf-8") as fh:
-                lines = fh.read().splitlines()
+            try:
+                with open(path_or_file, encoding="utf-8") as fh:
+                    lines = fh.read().splitlines()
+            except UnicodeDecodeError as e:
+                msg = f"events file is not UTF-8: {e}"
+                raise TdxValueError(msg, name="path_or_file", value=path_or_file) from None
         else:
             lines = path_or_file.read().splitlines()
         if not lines:
@@ -379,8 +436,12 @@ class EventLog:
             msg = f"events schema={got!r}, expected {SCHEMA!r}"
             raise TdxValueError(msg, name="schema", value=got)
         log = cls()
-        for k, spec in header.get("kinds", {}).items():
-            log.register_kind(k, tuple(spec["fields"]), spec["leaf_space"])
+        try:
+            for k, spec in header.get("kinds", {}).items():
+                log.register_kind(k, tuple(spec["fields"]), spec["leaf_space"])
+        except (AttributeError, KeyError, TypeError) as e:     # kinds not {kind: {fields, leaf_space}}
+            msg = f"events header kinds are malformed: {type(e).__name__}: {e}"
+            raise TdxValueError(msg, name="kinds", value=header.get("kinds")) from None
         for n, line in enumerate(lines[1:], start=2):
             try:
                 row = json.loads(line)

@@ -83,12 +83,16 @@ class KLock:
     Readers keep insertion order, so :meth:`holders` is deterministic.
     """
 
-    __slots__ = ("name", "_writer", "_readers")
+    __slots__ = ("name", "_writer", "_readers", "wait_read", "wait_write")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._writer: Optional[Hashable] = None
         self._readers: dict[Hashable, None] = {}
+        #: ``Wait(self, READ)`` / ``Wait(self, WRITE)``, built once: hot paths yield these
+        #: (equal to a fresh ``Wait``; a frozen dataclass is cheaper shared than rebuilt).
+        self.wait_read = Wait(self, READ)
+        self.wait_write = Wait(self, WRITE)
 
     def __repr__(self) -> str:
         return f"KLock({self.name!r}, writer={self._writer!r}, readers={list(self._readers)!r})"
@@ -103,7 +107,8 @@ class KLock:
 
     def can_acquire(self, owner: Hashable, mode: str) -> bool:
         """Return whether :meth:`try_acquire` would succeed now, without taking the lock."""
-        _check_mode(mode)
+        if mode is not READ and mode is not WRITE:
+            _check_mode(mode)
         if owner is None:
             msg = "owner=None is not a valid lock owner"
             raise TdxValueError(msg, name="owner", value=None)
@@ -128,6 +133,9 @@ class KLock:
 
     def release(self, owner: Hashable, mode: str) -> None:
         """Drop ``owner``'s hold in ``mode``; :class:`TdxValueError` if it holds none."""
+        if mode is READ and owner in self._readers:     # the hot case first, same checks
+            del self._readers[owner]
+            return
         _check_mode(mode)
         if not self.is_held_by(owner, mode):
             msg = f"{owner!r} releases {self.name} ({mode}) without holding it (holders {self.holders()!r})"
@@ -189,7 +197,8 @@ class Srcu:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._readers: list = []
+        # open sections in open order: a dict, so ending one is O(1) with many vCPUs inside
+        self._readers: dict = {}
 
     def __repr__(self) -> str:
         return f"Srcu({self.name!r}, readers={len(self._readers)})"
@@ -202,13 +211,13 @@ class Srcu:
     def read_lock(self) -> _SrcuReader:
         """Enter a read-side section; return its token."""
         r = _SrcuReader()
-        self._readers.append(r)
+        self._readers[r] = None
         return r
 
     def read_unlock(self, token: _SrcuReader) -> None:
         """Leave the section ``token`` opened."""
         token.inside = False
-        self._readers = [r for r in self._readers if r is not token]
+        self._readers.pop(token, None)
 
     def synchronize(self) -> Generator[Any, Any, None]:
         """``synchronize_srcu``: wait until every section open now has ended."""
@@ -254,6 +263,22 @@ class Driver:
         if actor.done:
             return False
         w = actor.waiting_on
+        if w is None:
+            return True
+        if type(w) is Wait:
+            # can_acquire's answer without the call in the two plain cases (the scheduler asks
+            # this of every waiting actor at every step); the rest, errors included, goes there
+            lock = w.lock
+            writer = lock._writer
+            if writer is None:
+                if w.mode == READ:
+                    if actor not in lock._readers:
+                        return True
+                elif not lock._readers:
+                    return True
+            elif writer is not actor and actor not in lock._readers:
+                return False
+            return lock.can_acquire(actor, w.mode)
         if isinstance(w, Wait):
             return w.lock.can_acquire(actor, w.mode)
         if isinstance(w, WaitOutOfGuest):
@@ -267,7 +292,8 @@ class Driver:
         anything but PREEMPT/Wait/WaitOutOfGuest, :class:`SchedLivelock` past ``max_steps``, and
         whatever the generator raises, unchanged (the actor is then done).
         """
-        if not self.runnable(actor):
+        w = actor.waiting_on
+        if actor.done or (w is not None and not self.runnable(actor)):
             msg = f"actor {actor.name!r} is not runnable (done={actor.done}, waiting on {actor.waiting_on!r})"
             raise TdxValueError(msg, name="actor", value=actor.name)
         self.nr_steps += 1
@@ -275,9 +301,13 @@ class Driver:
             msg = f"livelock: more than max_steps={self.max_steps} steps (last actor {actor.name!r})"
             raise SchedLivelock(msg)
         sent: Any = None
-        w = actor.waiting_on
-        if isinstance(w, Wait):
-            w.lock.try_acquire(actor, w.mode)  # cannot fail: runnable() just said it is free
+        if w is not None and isinstance(w, Wait):
+            # cannot fail: runnable() just said it is free; READ/WRITE were checked by Wait
+            lock = w.lock
+            if w.mode == READ:
+                lock._readers[actor] = None
+            else:
+                lock._writer = actor
             sent = actor
         actor.nr_steps += 1
         try:
@@ -290,7 +320,7 @@ class Driver:
             raise
         if y is PREEMPT:
             actor.waiting_on = None
-        elif isinstance(y, (Wait, WaitOutOfGuest)):
+        elif type(y) is Wait or isinstance(y, (Wait, WaitOutOfGuest)):
             actor.waiting_on = y
         else:
             actor.gen.close()
@@ -331,7 +361,7 @@ def run_to_completion(gen: Op, *, name: str = "sync", max_steps: int = MAX_STEPS
     driver, actor = Driver(max_steps), Actor(name, gen)
     try:
         while not actor.done:
-            if not driver.runnable(actor):
+            if actor.waiting_on is not None and not driver.runnable(actor):
                 w = actor.waiting_on
                 if isinstance(w, Wait):
                     msg = (f"deadlock: {name!r} waits for {w.lock.name} ({w.mode}) held by "

@@ -121,6 +121,8 @@ class TdxStatus(int):
 
     def __new__(cls, value: int = 0) -> "TdxStatus":
         """Build a status from a 64-bit value (``TdxTypeError``/``TdxValueError`` otherwise)."""
+        if type(value) is int and 0 <= value <= _U64:   # the hot case: a plain int in range
+            return int.__new__(cls, value)
         if isinstance(value, bool) or not isinstance(value, int):
             from tdxcore.errors import TdxTypeError
 

@@ -39,7 +39,7 @@ from tdxcore.constants import (
     MemFlag,
 )
 from tdxcore.errors import HostError, InvariantViolation
-from tdxcore.sched import PREEMPT, READ, Wait
+from tdxcore.sched import PREEMPT, READ
 
 if TYPE_CHECKING:
     from tdxcore.kvm.vcpu import Vcpu
@@ -59,6 +59,8 @@ RET_PF_SPURIOUS = 6
 
 #: Direct-root value of an MMIO SPTE (no frame: the guest gets a #VE and asks for MMIO).
 MMIO_SPTE = -1
+
+_GUEST_MEMFD = int(MemFlag.GUEST_MEMFD)     # an int: a flag enum's ``&`` runs Python code
 
 
 def prepare_memory_fault_exit(vcpu: "Vcpu", gfn: int, private: bool) -> int:
@@ -104,20 +106,21 @@ def kvm_mmu_page_fault(vcpu: "Vcpu", gpa: int, private: bool) -> Generator[Any, 
         return RET_PF_RETRY
     if private != vm.is_private(gfn):
         return prepare_memory_fault_exit(vcpu, gfn, private)
-    if private and (slot is None or not slot.flags & MemFlag.GUEST_MEMFD):
+    if private and (slot is None or not slot.flags & _GUEST_MEMFD):
         return prepare_memory_fault_exit(vcpu, gfn, private)
     inv = vm.mmu_invalidate
     seq = inv.seq
+    mmu_lock = vm.mmu_lock
     if not private and slot is None:
         # kvm_handle_noslot_fault: an MMIO SPTE, so the guest takes a #VE and asks by TDVMCALL
-        owner = yield Wait(vm.mmu_lock, READ)
+        owner = yield mmu_lock.wait_read
         try:
             if inv.retry_gfn(seq, gfn):
                 vcpu._count("nr_fault_retries")
                 return RET_PF_RETRY
             vm.direct.install(gfn, MMIO_SPTE)
         finally:
-            vm.mmu_lock.release(owner, READ)
+            mmu_lock.release(owner, READ)
         return RET_PF_EMULATE
     yield PREEMPT                       # resolving the pfn: invalidations may run meanwhile
     if inv.retry_gfn_unsafe(seq, gfn):
@@ -138,7 +141,7 @@ def kvm_mmu_page_fault(vcpu: "Vcpu", gpa: int, private: bool) -> Generator[Any, 
             if e.errno == _errno.ENOMEM:
                 return -_errno.ENOMEM
             return prepare_memory_fault_exit(vcpu, gfn, private)   # hva not mapped: -EFAULT
-    owner = yield Wait(vm.mmu_lock, READ)
+    owner = yield mmu_lock.wait_read
     try:
         if inv.retry_gfn(seq, gfn):
             vcpu._count("nr_fault_retries")
@@ -153,7 +156,7 @@ def kvm_mmu_page_fault(vcpu: "Vcpu", gpa: int, private: bool) -> Generator[Any, 
             vm.direct.install(gfn, pfn)
             result = RET_PF_FIXED
     finally:
-        vm.mmu_lock.release(owner, READ)
+        mmu_lock.release(owner, READ)
     host.events.emit("fault", vcpu.actor, gpa, int(private), seq, result)
     return result
 
@@ -177,7 +180,7 @@ def tdx_handle_ept_violation(vcpu: "Vcpu", gpa: int, pending: bool) -> Generator
         if vm.is_dead:
             return -_errno.EIO
         slot = vm.memslots.gfn_to_memslot(gfn)
-        if slot is not None and slot.invalid:
+        if slot is not None and slot.invalid and vm.policy.local_retry_memslot_check:
             return r                   # 6.18: let the memslot update finish (drop SRCU)
         retries += 1
         vcpu._count("nr_local_retries")

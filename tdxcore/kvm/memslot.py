@@ -14,10 +14,11 @@ the CREATE/MOVE part of x86 ``kvm_arch_prepare_memory_region()`` (Linux 6.18); S
 
 from __future__ import annotations
 
+import bisect
 import enum
 import errno as _errno
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Generator, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Generator, Iterator, List, Optional, Tuple
 
 from tdxcore.constants import (
     KVM_MEM_SLOTS_NUM,
@@ -100,10 +101,18 @@ class Memslot:
 
 
 class Memslots:
-    """A VM's memslots (``kvm->memslots``), by ``(as_id, id)``; lookups skip nothing."""
+    """A VM's memslots (``kvm->memslots``), by ``(as_id, id)``; lookups skip nothing.
+
+    :meth:`gfn_to_memslot` is O(log slots): a per-address-space index sorted by ``base_gfn``
+    (slots of one address space never overlap: ``kvm_check_memslot_overlap``), rebuilt after
+    :meth:`_install`, :meth:`_remove` and :meth:`_moved` (a MOVE rebases a slot in place), plus
+    the last slot found (KVM's ``last_used_slot``), checked against its live range.
+    """
 
     def __init__(self) -> None:
         self._slots: Dict[Tuple[int, int], Memslot] = {}
+        self._index: Optional[Dict[int, Tuple[List[int], List[Memslot]]]] = None
+        self._last: Optional[Memslot] = None
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -118,10 +127,38 @@ class Memslots:
 
     def gfn_to_memslot(self, gfn: int, as_id: int = 0) -> Optional[Memslot]:
         """Return the slot whose range holds ``gfn``, or None (``__gfn_to_memslot``)."""
-        for s in self._slots.values():
-            if s.as_id == as_id and s.base_gfn <= gfn < s.end_gfn:
-                return s
+        s = self._last
+        if s is not None and s.base_gfn <= gfn < s.base_gfn + s.npages and s.as_id == as_id:
+            return s
+        index = self._index
+        if index is None:
+            index = self._index = self._build_index()
+        space = index.get(as_id)
+        if space is None:
+            return None
+        i = bisect.bisect_right(space[0], gfn) - 1
+        if i < 0:
+            return None
+        s = space[1][i]
+        if gfn < s.base_gfn + s.npages:
+            self._last = s
+            return s
         return None
+
+    def _build_index(self) -> Dict[int, Tuple[List[int], List[Memslot]]]:
+        spaces: Dict[int, List[Memslot]] = {}
+        for s in self._slots.values():
+            spaces.setdefault(s.as_id, []).append(s)
+        index = {}
+        for as_id, slots in spaces.items():
+            slots.sort(key=lambda m: m.base_gfn)
+            index[as_id] = ([m.base_gfn for m in slots], slots)
+        return index
+
+    def _moved(self) -> None:
+        """Drop the lookup index: a slot was added, removed or rebased in place (MOVE)."""
+        self._index = None
+        self._last = None
 
     def overlaps(self, as_id: int, id_: int, start: int, end: int) -> Optional[Memslot]:
         """Another slot of ``as_id`` intersecting ``[start, end)`` (``kvm_check_memslot_overlap``)."""
@@ -132,9 +169,11 @@ class Memslots:
 
     def _install(self, slot: Memslot) -> None:
         self._slots[(slot.as_id, slot.id)] = slot
+        self._moved()
 
     def _remove(self, slot: Memslot) -> None:
         del self._slots[(slot.as_id, slot.id)]
+        self._moved()
 
 
 def kvm_mmu_max_gfn() -> int:
@@ -322,3 +361,4 @@ def kvm_set_memslot(vm: "Vm", old: Optional[Memslot], new: Optional[Memslot],
     else:
         assert old is not None and new is not None
         old.base_gfn, old.flags, old.invalid = new.base_gfn, new.flags, False
+        vm.memslots._moved()

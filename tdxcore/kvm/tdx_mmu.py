@@ -50,6 +50,8 @@ def pg_level_to_tdx_sept_level(pg_level: int) -> int:
 
 #: The module's level of a 4K leaf (private mappings are 4K only, SPEC §4.12).
 _LEVEL_4K = PG_LEVEL_4K - PG_LEVEL_4K
+#: ``TdState.RUNNABLE`` of :mod:`tdxcore.kvm.tdx_vm` (an IntEnum; a function-level import per call cost ~1 µs)
+_TD_RUNNABLE = 2
 #: :func:`tdx_sept_zap_private_spte`'s "nothing to remove" (a premapped page never added).
 ZAP_PREMAPPED = 1
 
@@ -90,12 +92,10 @@ def tdx_sept_link_private_spt(vm: "TdxVm", gfn: int, pg_level: int, spt: int,
 def tdx_sept_set_private_spte(vm: "TdxVm", gfn: int, pg_level: int, pfn: int,
                               actor: str = "host") -> Generator[Any, Any, int]:
     """``tdx_sept_set_private_spte``: premap before finalize, TDH.MEM.PAGE.AUG when RUNNABLE."""
-    from tdxcore.kvm.tdx_vm import TdState
-
     if pg_level != PG_LEVEL_4K:
         vm.bug(f"set_external_spte at pg_level {pg_level}: only 4K private pages")
         return -_errno.EIO
-    if vm.td_state != TdState.RUNNABLE:
+    if vm.td_state != _TD_RUNNABLE:
         vm.nr_premapped += 1
         return 0
     tdr = vm.tdr
@@ -108,9 +108,7 @@ def tdx_sept_set_private_spte(vm: "TdxVm", gfn: int, pg_level: int, pfn: int,
 
 def tdx_track(vm: "TdxVm") -> Generator[Any, Any, None]:
     """``tdx_track``: no-op before finalize; TDH.MEM.TRACK (policy retry; failure → KVM_BUG), kick."""
-    from tdxcore.kvm.tdx_vm import TdState
-
-    if vm.td_state != TdState.RUNNABLE:
+    if vm.td_state != _TD_RUNNABLE:
         return
     t = vm.kvm.host.tdx
     tdr = vm.tdr
@@ -154,13 +152,11 @@ def tdx_sept_zap_private_spte(vm: "TdxVm", gfn: int, pfn: int) -> Generator[Any,
     and nothing is left to remove), or -EIO with the VM bugged and ``pfn`` recorded as a
     ``private`` leak.
     """
-    from tdxcore.kvm.tdx_vm import TdState
-
     t, tdr, gpa = vm.kvm.host.tdx, vm.tdr, _gpa(gfn)
     assert tdr is not None
     res = yield from vm.policy.zap_seamcall(vm, lambda: t.tdh_mem_range_block_op(tdr, gpa, _LEVEL_4K))
     if res.status != TDX_SUCCESS:
-        if (vm.td_state != TdState.RUNNABLE and vm.nr_premapped > 0
+        if (vm.td_state != _TD_RUNNABLE and vm.nr_premapped > 0
                 and res.status == TDX_EPT_ENTRY_STATE_INCORRECT | OPERAND_ID_RCX):
             # tdx_is_sept_zap_err_due_to_premap: premapped, never PAGE.ADDed; unpin
             vm.nr_premapped -= 1

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Vcpu", "VcpuTdState", "MemRegion", "VP_ENTER_MAX_BUSY", "SEPT_ZAP_MAX_WAITS"]
 
+#: ``TdState.RUNNABLE`` (an IntEnum of :mod:`tdxcore.kvm.tdx_vm`, which imports this module).
+_TD_RUNNABLE = 2
+
 class MemRegion(NamedTuple):
     """``struct kvm_tdx_init_mem_region`` as written back.
 
@@ -119,7 +122,8 @@ class Vcpu:
         return tuple(self._queue)
 
     def _count(self, name: str, n: int = 1) -> None:
-        self._counters[name] = self._counters.get(name, 0) + n
+        c = self._counters
+        c[name] = c.get(name, 0) + n
         self.vm.kvm.host.count(name, n)
 
     @property
@@ -472,21 +476,39 @@ class Vcpu:
         SPEC §3.3, §5.
         """
         new = self._check_ops(ops)
-        ioctl(self.vm.kvm.host, "KVM_RUN", self.vm.id, self._guard(self.run_gen_checked(new)))
+        ioctl(self.vm.kvm.host, "KVM_RUN", self.vm.id, self._run_gen(new))
         return self.kvm_run
 
     def run_gen(self, ops: Optional[Iterable[Any]] = None) -> Generator[Any, Any, Ret]:
         """Return the generator of :meth:`run` for an actor (SPEC §5): ``ops`` are validated now."""
-        return self._guard(self.run_gen_checked(self._check_ops(ops)))
+        return self._run_gen(self._check_ops(ops))
+
+    def _run_gen(self, new: Tuple[Any, ...]) -> Generator[Any, Any, Ret]:
+        """``self._guard(self.run_gen_checked(new))`` as one generator (one frame fewer per step)."""
+        if not self._fd_open:
+            return ebadf("vCPU fd")
+        vm = self.vm
+        if vm.is_dead:
+            # kvm_vcpu_ioctl: vm_dead → -EIO before anything else
+            return fail(_errno.EIO, f"VM {vm.id} is dead ({vm.bug_reason or 'killed'})")
+        mutex = self.mutex
+        owner = yield mutex.wait_write
+        try:
+            if vm.td_state != _TD_RUNNABLE:
+                return fail(_errno.EINVAL, f"TD is {vm.td_state.name}, not RUNNABLE")
+            if self.state != VcpuTdState.INITIALIZED or self.tdvpr is None:
+                return fail(_errno.EINVAL, f"vCPU {self.vcpu_id} is not initialized")
+            self._queue.extend(new)
+            return (yield from vcpu_run(self))
+        finally:
+            mutex.release(owner, WRITE)
 
     def run_gen_checked(self, new: Tuple[Any, ...]) -> Generator[Any, Any, Ret]:
         """:meth:`run_gen` body for already validated ops (see :meth:`run`)."""
-        from tdxcore.kvm.tdx_vm import TdState
-
         vm = self.vm
-        owner = yield Wait(self.mutex, WRITE)
+        owner = yield self.mutex.wait_write
         try:
-            if vm.td_state != TdState.RUNNABLE:
+            if vm.td_state != _TD_RUNNABLE:
                 return fail(_errno.EINVAL, f"TD is {vm.td_state.name}, not RUNNABLE")
             if self.state != VcpuTdState.INITIALIZED or self.tdvpr is None:
                 return fail(_errno.EINVAL, f"vCPU {self.vcpu_id} is not initialized")

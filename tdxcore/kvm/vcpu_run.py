@@ -18,7 +18,7 @@ op is a TDVMCALL exit dispatched by :mod:`tdxcore.kvm.exits`.
 from __future__ import annotations
 
 import errno as _errno
-from typing import TYPE_CHECKING, Any, Generator, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Generator, Optional, Tuple
 
 from tdxcore import guest as _g
 from tdxcore.constants import (
@@ -33,7 +33,7 @@ from tdxcore.constants import (
 from tdxcore.kvm.fault import MMIO_SPTE, tdx_handle_ept_violation
 from tdxcore.kvm.ioctl import OK, Ret, fail
 from tdxcore.kvm.run import GuestEvent, Interrupt, VeInfo
-from tdxcore.module.guest_access import Access
+from tdxcore.module.guest_access import Access, guest_translate
 from tdxcore.sched import PREEMPT
 from tdxcore.status import (  # type: ignore[attr-defined]
     TDX_OPERAND_BUSY,
@@ -55,6 +55,8 @@ SEPT_ZAP_MAX_WAITS = 64
 GUEST_BUSY_MAX = 1000
 
 _BUSY_BASES = (TDX_OPERAND_BUSY, TDX_OPERAND_BUSY_HOST_PRIORITY)
+_SEPT_VE_DISABLE = int(TdAttr.SEPT_VE_DISABLE)      # an int: a flag enum's ``&`` runs Python code
+_guest_translate: Callable[..., Any] = guest_translate   # the module's walk, without its method hop
 
 # A TD exit, as the run loop hands it to KVM: ("hlt",), ("kick",), ("ept", gpa, pending, level),
 # ("tdvmcall", op)
@@ -110,7 +112,7 @@ def vcpu_run(vcpu: "Vcpu") -> Generator[Any, Any, Ret]:
             #                             when zero-step is suspected, the S-EPT tree exclusive)
             op.enter()
             vcpu._count("nr_entries")
-            exit_ = yield from _guest(vcpu, op, _deliver_events(vcpu))
+            exit_ = yield from _guest(vcpu, op, _deliver_events(vcpu) if vcpu._events else False)
         finally:
             if op.in_guest:             # the actor was closed while in the guest
                 op.exit(EXIT_REASON_TDCALL, rip=vcpu._next_index)
@@ -120,7 +122,17 @@ def vcpu_run(vcpu: "Vcpu") -> Generator[Any, Any, Ret]:
             vcpu.guest_mode_seq += 1    # one guest-mode span ended (what a kick waits for)
         token = vm.srcu.read_lock()
         try:
-            ret = yield from _handle_exit(vcpu, exit_)
+            # _handle_exit's common cases inline (one generator frame fewer on the fault path)
+            kind = exit_[0]
+            if kind == "kick":
+                ret = None
+            elif kind == "hlt":
+                ret = vcpu.set_exit(ExitReason.HLT, 0)
+            elif kind == "ept":
+                pf = yield from tdx_handle_ept_violation(vcpu, exit_[1], exit_[2])
+                ret = _ept_ret(pf, exit_[1])
+            else:
+                ret = yield from _handle_exit(vcpu, exit_)
         finally:
             vm.srcu.read_unlock(token)
         if ret is not None:
@@ -140,6 +152,15 @@ def _deliver_events(vcpu: "Vcpu") -> bool:
     return True
 
 
+def _ept_ret(r: int, gpa: int) -> Optional[Ret]:
+    """Return what KVM_RUN does with the EPT-violation handler's result ``r``."""
+    if r == -_errno.EFAULT:
+        return OK                       # KVM_EXIT_MEMORY_FAULT prepared; KVM_RUN returns -EFAULT
+    if r < 0:
+        return fail(-r, f"EPT violation at {gpa:#x}: {_errno.errorcode.get(-r, r)}")
+    return None                         # fixed, retry or MMIO (the guest sees the #VE next)
+
+
 def _handle_exit(vcpu: "Vcpu", exit_: Exit) -> Generator[Any, Any, Optional[Ret]]:
     """``tdx_handle_exit``: None re-enters the guest; a Ret makes KVM_RUN return."""
     kind = exit_[0]
@@ -149,14 +170,23 @@ def _handle_exit(vcpu: "Vcpu", exit_: Exit) -> Generator[Any, Any, Optional[Ret]
         return vcpu.set_exit(ExitReason.HLT, 0)
     if kind == "ept":
         r = yield from tdx_handle_ept_violation(vcpu, exit_[1], exit_[2])
-        if r == -_errno.EFAULT:
-            return OK                   # KVM_EXIT_MEMORY_FAULT prepared; KVM_RUN returns -EFAULT
-        if r < 0:
-            return fail(-r, f"EPT violation at {exit_[1]:#x}: {_errno.errorcode.get(-r, r)}")
-        return None                     # fixed, retry or MMIO (the guest sees the #VE next)
+        return _ept_ret(r, exit_[1])
+    if _EXITS is None:
+        _load_exits()
+    assert _EXITS is not None
+    return (yield from _EXITS(vcpu, exit_[1]))
+
+
+#: :func:`tdxcore.kvm.exits.handle_tdvmcall`, imported on first use (exits imports this module's
+#: importers); a function-level import would cost about a microsecond per TDVMCALL exit.
+_EXITS: Optional[Any] = None
+
+
+def _load_exits() -> None:
+    global _EXITS
     from tdxcore.kvm.exits import handle_tdvmcall
 
-    return (yield from handle_tdvmcall(vcpu, exit_[1]))
+    _EXITS = handle_tdvmcall
 
 
 def _guest(vcpu: "Vcpu", op: Any, injected: bool) -> Generator[Any, Any, Exit]:
@@ -232,9 +262,9 @@ def _access(vcpu: "Vcpu", op: Any, gop: Any, injected: bool) -> Optional[Exit]:
             vcpu._count("nr_tdvmcalls")
             return ("tdvmcall", mmio)
     else:
-        t = host.tdx.guest_translate(vcpu.tdvpr, gpa, write)
+        t = _guest_translate(host.tdx, vcpu.tdvpr, gpa, write)    # = host.tdx.guest_translate
         if t.access == Access.PENDING:
-            if vm.attributes & TdAttr.SEPT_VE_DISABLE:
+            if int(vm.attributes) & _SEPT_VE_DISABLE:
                 return _ept_exit(vcpu, op, gpa, True, 0, injected)
             # #VE: the default handler accepts the page, then the access is retried
             vcpu._ve_ops.append(_g.accept(gpa & ~(PAGE_SIZE - 1)))

@@ -45,6 +45,8 @@ __all__ = ["Vm", "HOOK_POINTS"]
 
 #: Points where :meth:`Vm.add_hook` observers run.
 HOOK_POINTS = ("pre_set_memory_attributes", "post_set_memory_attributes")
+#: ``MemAttr.PRIVATE`` as an int (``int & flag`` would run the flag enum's Python ``__rand__``).
+_PRIVATE = int(_attributes.MemAttr.PRIVATE)
 
 
 def _u(name: str, value: Any, bits: int) -> int:
@@ -652,4 +654,4 @@ class Vm:
 
     def is_private(self, gfn: int) -> bool:
         """``kvm_mem_is_private``: the PRIVATE attribute is set (only on VMs with private memory)."""
-        return bool(self.has_private_mem and self.mem_attr.get(gfn) & _attributes.MemAttr.PRIVATE)
+        return bool(self.has_private_mem and self.mem_attr.get(gfn) & _PRIVATE)

@@ -47,6 +47,9 @@ _MAPPED = SEPT_PUBLIC_STATE[int(SeptState["MAPPED"])]
 _BLOCKEDW = SEPT_PUBLIC_STATE[int(SeptState["BLOCKEDW"])]
 _PENDING = (SEPT_PUBLIC_STATE[int(SeptState["PENDING"])],)
 _MISS = Translation(Access.EPT_VIOLATION, None, None)
+_PENDING_T = Translation(Access.PENDING, None, None)
+_ACCESS_OK = Access.OK
+_new_tuple = tuple.__new__         # Translation(...) without the NamedTuple's Python __new__
 
 
 def guest_translate(tdx: "TdxModule", tdvpr: int, gpa: int, write: bool) -> Translation:
@@ -61,7 +64,8 @@ def guest_translate(tdx: "TdxModule", tdvpr: int, gpa: int, write: bool) -> Tran
     write : bool
         A store (a BLOCKEDW leaf refuses it; a load goes through).
     """
-    p = check_int("tdvpr", tdvpr, 0, tdx.host.nr_frames)
+    p = tdvpr if type(tdvpr) is int and 0 <= tdvpr < tdx.host.nr_frames else \
+        check_int("tdvpr", tdvpr, 0, tdx.host.nr_frames)
     tdr = tdx.vcpu_tdr.get(p)
     if tdr is None:
         msg = f"tdvpr={p:#x} is not a vCPU of any TD"
@@ -74,7 +78,7 @@ def guest_translate(tdx: "TdxModule", tdvpr: int, gpa: int, write: bool) -> Tran
         return _MISS
     state = (ls >> LEVEL_STATE_STATE_SHIFT) & 0xFF
     if state == _MAPPED or (state == _BLOCKEDW and not write):
-        return Translation(Access.OK, (entry & SEPT_PFN_MASK) >> PAGE_SHIFT, td.hkid)
+        return _new_tuple(Translation, (_ACCESS_OK, (entry & SEPT_PFN_MASK) >> PAGE_SHIFT, td.hkid))
     if state in _PENDING:
-        return Translation(Access.PENDING, None, None)
+        return _PENDING_T
     return _MISS

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
-from tdxcore.constants import MODEL_MAXPHYADDR, PAGE_SHIFT, TDCS_NR_PAGES, PageType
+from tdxcore.constants import EXIT_REASON_TDCALL, MODEL_MAXPHYADDR, PAGE_SHIFT, TDCS_NR_PAGES, PageType
 from tdxcore.errors import TdxValueError
 from tdxcore.module.td import TdLifecycle
 from tdxcore.module.tdx_module import SeamcallResult, result
@@ -48,8 +48,19 @@ if TYPE_CHECKING:
 __all__ = ["Op", "LeafFail", "Effect", "decode_gpa_level"]
 
 Effect = Callable[[], SeamcallResult]
+#: leaf number -> its ``seamcall_state_lookup`` row of OP_STATE_LEGALITY (indexed by op state).
+_LEGALITY: Dict[int, Any] = {leaf: row for (table, leaf), row in OP_STATE_LEGALITY.items()
+                             if table == "seamcall_state_lookup"}
 _LOW32 = 0xFFFFFFFF
 _STATUS_MASK = 0xFFFFFFFF00000000
+
+
+def _entry_unlock(tree: Any, gpa_level: Tuple[int, int]) -> None:
+    """Release an S-EPT entry lock :meth:`Op.lock_entry` took."""
+    try:
+        tree.entry_unlock(gpa_level[0], gpa_level[1])
+    except TdxValueError:
+        pass        # the entry's table went away with its FREE entries (SEPT.REMOVE)
 
 
 class LeafFail(Exception):
@@ -86,12 +97,15 @@ class Op:
     """
 
     __slots__ = ("tdx", "id", "leaf", "regs", "cpu", "actor", "acquired", "result", "in_guest", "gfn", "pfn",
-                 "_effect", "_held", "_enter", "_exit")
+                 "_effect", "_held", "_enter", "_exit", "leaf_space")
 
     def __init__(self, tdx: "TdxModule", leaf: Any, regs: Tuple[int, ...], cpu: int, actor: str) -> None:
         self.tdx = tdx
-        self.id = tdx._next_op_id()
+        tdx._op_seq += 1                # tdx._next_op_id(), inline
+        self.id = tdx._op_seq
         self.leaf = leaf
+        #: ``"tdcall"`` for the guest's TDCALL, else ``"seamcall"`` (the leaf never changes).
+        self.leaf_space = "tdcall" if isinstance(leaf, TdcallLeaf) else "seamcall"
         self.regs = regs
         self.cpu = cpu
         self.actor = actor
@@ -101,7 +115,8 @@ class Op:
         self.gfn: Optional[int] = None
         self.pfn: Optional[int] = None
         self._effect: Optional[Effect] = None
-        self._held: List[Tuple[Any, Callable[[], None]]] = []
+        # (key, release, a, b): ``release()``, or ``release(a, b)`` when ``a`` is not None
+        self._held: List[Tuple[Any, Callable[..., None], Any, Any]] = []
         # VP.ENTER phases, set by the vp handler
         self._enter: Optional[Callable[[], None]] = None
         self._exit: Optional[Callable[..., SeamcallResult]] = None
@@ -135,8 +150,12 @@ class Op:
     def _take(self, key: Tuple[Any, ...], status: int, release: Callable[[], None]) -> None:
         tdx = self.tdx
         if status == TDX_SUCCESS:
-            self._held.append((key, release))
-            tdx.holders.setdefault(key, []).append(self)
+            self._held.append((key, release, None, None))
+            hs = tdx.holders.get(key)
+            if hs is None:
+                tdx.holders[key] = [self]
+            else:
+                hs.append(self)
             return
         holders = tdx.holders.get(key)
         if holders:
@@ -155,16 +174,21 @@ class Op:
                              leaf, self.gfn, self.pfn)
         raise LeafFail(result(status))
 
-    @property
-    def leaf_space(self) -> str:
-        """``"tdcall"`` for the guest's TDCALL, else ``"seamcall"``."""
-        return "tdcall" if isinstance(self.leaf, TdcallLeaf) else "seamcall"
-
     def lock_pamt(self, pfn: int, exclusive: bool, operand: int) -> None:
         """PAMT entry try-lock of ``pfn`` (TDR locks, page locks); BUSY|operand on failure."""
         pamt = self.tdx.host.pamt
-        self._take(("pamt", pfn), pamt.try_lock(pfn, exclusive, operand),
-                   lambda: pamt.unlock(pfn, exclusive))
+        key = ("pamt", pfn)
+        st = pamt.try_lock(pfn, exclusive, operand)
+        if st == TDX_SUCCESS:           # _take's success branch, with the unlock as data (no closure)
+            self._held.append((key, pamt.unlock, pfn, exclusive))
+            holders = self.tdx.holders
+            hs = holders.get(key)
+            if hs is None:
+                holders[key] = [self]
+            else:
+                hs.append(self)
+            return
+        self._take(key, st, lambda: pamt.unlock(pfn, exclusive))
 
     def lock_busy(self, key: Tuple[Any, ...], lock: "BusyLock", exclusive: bool, host: bool = True) -> None:
         """Try a BusyLock (op state, S-EPT tree, TD epoch, KOT, WBCACHE); BUSY|lock.operand on failure."""
@@ -192,37 +216,53 @@ class Op:
             w = tree.walk(gpa, level) if (st & _STATUS_MASK) != TDX_OPERAND_INVALID else (st, 0, 0)
             raise fail(st, w[1], w[2])
 
-        def rel() -> None:
-            try:
-                tree.entry_unlock(gpa, level)
-            except TdxValueError:
-                pass        # the entry's table went away with its FREE entries (SEPT.REMOVE)
-        self._take(("entry", td.tdr, gpa, level), st, rel)
+        key = ("entry", td.tdr, gpa, level)
+        if st == TDX_SUCCESS:           # _take's success branch, the unlock as data (no closure)
+            self._held.append((key, _entry_unlock, tree, (gpa, level)))
+            holders = self.tdx.holders
+            hs = holders.get(key)
+            if hs is None:
+                holders[key] = [self]
+            else:
+                hs.append(self)
+        else:
+            self._take(key, st, lambda: _entry_unlock(tree, (gpa, level)))
         if host:
-            self.tdx.priority_requester.pop(("entry", td.tdr, gpa, level), None)
+            self.tdx.priority_requester.pop(key, None)
         return True
 
     def release(self, key: Tuple[Any, ...]) -> None:
         """Release one held lock by resource key (VP.ENTER drops its entry-phase locks)."""
-        for i, (k, rel) in enumerate(self._held):
+        for i, (k, rel, a, b) in enumerate(self._held):
             if k == key:
                 del self._held[i]
-                rel()
+                if a is None:
+                    rel()
+                else:
+                    rel(a, b)
                 self._drop_holder(k)
                 return
 
     def _drop_holder(self, key: Tuple[Any, ...]) -> None:
-        hs = self.tdx.holders.get(key)
+        holders = self.tdx.holders
+        hs = holders.get(key)
         if hs is not None:
+            if len(hs) == 1 and hs[0] is self:      # the common case: the only holder
+                del holders[key]
+                return
             if self in hs:
                 hs.remove(self)
             if not hs:
-                del self.tdx.holders[key]
+                del holders[key]
 
     def _release_all(self) -> None:
-        while self._held:
-            k, rel = self._held.pop()
-            rel()
+        held = self._held
+        while held:
+            k, rel, a, b = held.pop()
+            if a is None:
+                rel()
+            else:
+                rel(a, b)
             self._drop_holder(k)
 
     # ------------------------------------------------------------------ operand helpers
@@ -296,8 +336,8 @@ class Op:
 
     def op_state_check(self, td: "Td") -> None:
         """Check the leaf's op-state legality (``seamcall_state_lookup``) -> TDX_OP_STATE_INCORRECT."""
-        row = OP_STATE_LEGALITY.get(("seamcall_state_lookup", int(self.leaf)))
-        if row is not None and not row[int(td.op_state)]:
+        row = _LEGALITY.get(self.leaf)
+        if row is not None and not row[td.op_state]:
             raise fail(TDX_OP_STATE_INCORRECT)
 
     # ------------------------------------------------------------------ completion
@@ -317,8 +357,6 @@ class Op:
         if self.result is not None:
             return self.result
         if self._exit is not None:
-            from tdxcore.constants import EXIT_REASON_TDCALL
-
             if not self.in_guest:
                 self.enter()
             return self.exit(EXIT_REASON_TDCALL)

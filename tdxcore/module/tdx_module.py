@@ -45,6 +45,8 @@ __all__ = ["SeamcallResult", "TdxModule", "SysState", "ModuleStatus", "BRINGUP_S
            "SYS_READY_EXEMPT", "Tdmr", "Handler", "BeginHandler", "MODULE_EVENT_KINDS"]
 
 _U64 = 1 << 64
+_STATUS_MASK = 0xFFFFFFFF00000000      # TdxStatus.base's mask
+_INT6 = (int,) * 6
 
 
 @dataclass(frozen=True)
@@ -80,10 +82,24 @@ def result(status: int, rcx: int = 0, rdx: int = 0, r8: int = 0, r9: int = 0, r1
         if r is None:
             r = _PLAIN[status] = SeamcallResult(TdxStatus(status))
         return r
-    return SeamcallResult(TdxStatus(status), rcx, rdx, r8, r9, r10, r11)
+    st = _STATUS.get(status) if type(status) is not bool else None
+    if st is None:
+        st = TdxStatus(status)              # validates; then shared (a TdxStatus is immutable)
+        if len(_STATUS) < 4096:
+            _STATUS[status] = st
+    if type(rcx) is int and type(rdx) is int and type(r8) is int and type(r9) is int \
+            and type(r10) is int and type(r11) is int:
+        # SeamcallResult(st, rcx, ...) without the frozen dataclass __init__'s seven
+        # object.__setattr__ calls: the same instance dict, filled at once
+        r = _new(SeamcallResult)
+        r.__dict__.update(status=st, rcx=rcx, rdx=rdx, r8=r8, r9=r9, r10=r10, r11=r11)
+        return r
+    return SeamcallResult(st, rcx, rdx, r8, r9, r10, r11)
 
 
 _PLAIN: Dict[int, SeamcallResult] = {}
+_STATUS: Dict[int, TdxStatus] = {}
+_new = object.__new__
 
 
 #: (LeafFail, Op, HANDLERS), imported on first use: those modules import this one.
@@ -96,6 +112,19 @@ def _load_lazy() -> None:
     from tdxcore.module.leaves import HANDLERS
 
     _LAZY = (LeafFail, Op, HANDLERS)
+
+
+#: (td.Vcpu, tdcall.begin_accept, guest_access.guest_translate), imported on first use.
+_LAZY_TDCALL: Optional[Tuple[Any, Any, Any]] = None
+
+
+def _load_lazy_tdcall() -> None:
+    global _LAZY_TDCALL
+    from tdxcore.module.guest_access import guest_translate
+    from tdxcore.module.td import Vcpu
+    from tdxcore.module.tdcall import begin_accept
+
+    _LAZY_TDCALL = (Vcpu, begin_accept, guest_translate)
 
 
 class SysState(enum.IntEnum):
@@ -340,7 +369,7 @@ class TdxModule:
     def _injected(self, leaf: "Leaf | TdcallLeaf", regs: Tuple[int, ...] = (0, 0, 0, 0),
                   cpu: Optional[int] = None, actor: str = "host") -> Optional[TdxStatus]:
         """Return the status to inject for this call, if any (bring-up step failures first)."""
-        if isinstance(leaf, Leaf) and leaf in self._fail:
+        if self._fail and isinstance(leaf, Leaf) and leaf in self._fail:
             arm = self._fail[leaf]
             arm[1] -= 1
             if arm[1] <= 0:
@@ -348,7 +377,7 @@ class TdxModule:
             self.host.count("nr_injected")
             return arm[0]
         inj = self.injector
-        if not inj.is_armed:
+        if not inj._armed:                  # is_armed, without the property call
             return None
         st = inj.consult(InjectCall(leaf, regs[0], regs[1], regs[2], regs[3], cpu, actor))
         if st is not None:
@@ -371,12 +400,12 @@ class TdxModule:
         return self._op_seq
 
     def _check_regs(self, leaf: Any, regs: Tuple[int, ...], actor: Any) -> Tuple[int, ...]:
-        if not isinstance(leaf, Leaf):
+        if type(leaf) is not Leaf and not isinstance(leaf, Leaf):
             msg = f"leaf={leaf!r} must be a tdx.Leaf, not {type(leaf).__name__} (a bare int is ambiguous)"
             raise TdxTypeError(msg, name="leaf", value=leaf)
-        # Fast path: plain ints in range (the common case); anything else goes through check_int
-        # for its type/range message (bool is an int by accident and is refused there).
-        if all(type(v) is int and 0 <= v < _U64 for v in regs):
+        # Fast path: plain ints in range (the common case), tested in C (no generator frame);
+        # anything else goes through check_int for its type/range message (bool is refused there).
+        if tuple(map(type, regs)) == _INT6 and min(regs) >= 0 and max(regs) < _U64:
             out = regs
         else:
             names = ("rcx", "rdx", "r8", "r9", "r10", "r11")
@@ -497,15 +526,16 @@ class TdxModule:
         return op.complete()
 
     def _emit_end_op(self, op: Any, res: SeamcallResult) -> int:
-        base = res.status.base
+        st = res.status
+        base = st & _STATUS_MASK        # st.base / st.operand / st.is_error, as int operations
         if base == TDX_OPERAND_BUSY or base == TDX_OPERAND_BUSY_HOST_PRIORITY:
-            self.host.count_busy(op.leaf, res.status.operand)
-        if op.leaf_space == "tdcall":
-            if res.status.is_error:
-                self.host.count("nr_tdcall_errors")
-            return self.host.events.emit("tdcall_end", op.actor, int(op.leaf), op.cpu, int(res.status),
-                                         res.out, op.gfn, op.pfn)
-        return self._emit_end(op.actor, op.leaf, op.cpu, res, op.gfn, op.pfn)
+            self.host.count_busy(op.leaf, st & 0xFFFFFFFF)
+        host = self.host
+        if st >> 63:
+            host.count("nr_tdcall_errors" if op.leaf_space == "tdcall" else "nr_seamcall_errors")
+        return host.events.emit("tdcall_end" if op.leaf_space == "tdcall" else "seamcall_end", op.actor,
+                                int(op.leaf), op.cpu, int(st),
+                                (res.rcx, res.rdx, res.r8, res.r9, res.r10, res.r11), op.gfn, op.pfn)
 
     def in_tdmr(self, pfn: int) -> bool:
         """Whether frame ``pfn`` lies in a configured TDMR (TDX-convertible memory)."""
@@ -784,10 +814,11 @@ class TdxModule:
 
         ``tdvpr`` is the vCPU's TDVPR frame or its :class:`~tdxcore.module.td.Vcpu` handle.
         """
-        from tdxcore.module.td import Vcpu
-        from tdxcore.module.tdcall import begin_accept
-
-        if isinstance(tdvpr, Vcpu):
+        if _LAZY_TDCALL is None:
+            _load_lazy_tdcall()
+        assert _LAZY_TDCALL is not None
+        vcpu_cls, begin_accept, _ = _LAZY_TDCALL
+        if isinstance(tdvpr, vcpu_cls):
             tdvpr = tdvpr.tdvpr
         return begin_accept(self, tdvpr, self._gpa_level(gpa, level), cpu, actor)
 
@@ -806,9 +837,10 @@ class TdxModule:
 
         See :func:`tdxcore.module.guest_access.guest_translate`.
         """
-        from tdxcore.module.guest_access import guest_translate
-
-        return guest_translate(self, tdvpr, gpa, write)
+        if _LAZY_TDCALL is None:
+            _load_lazy_tdcall()
+        assert _LAZY_TDCALL is not None
+        return _LAZY_TDCALL[2](self, tdvpr, gpa, write)
 
     # ------------------------------------------------------------------ host hooks
     @property

@@ -106,6 +106,14 @@ class Scheduler:
         self._by_name: Dict[str, Actor] = {}
         #: Names of the actors stepped, in order: feed it to :meth:`run` to replay.
         self.schedule: List[str] = []
+        # What the draw needs without a scan of every actor per step (O(actors waiting), not
+        # O(actors)): the live actors in add order, their positions, the live ones whose last
+        # yield was a Wait/kick, and the driver's step count they reflect (a step taken by
+        # anyone but _advance makes _ready rebuild them).
+        self._live: List[Actor] = []
+        self._pos: Dict[Actor, int] = {}
+        self._parked: Dict[Actor, None] = {}
+        self._seen_steps = 0
 
     # ------------------------------------------------------------------ actors
     def add(self, actor: Union[Actor, Op], name: Optional[str] = None) -> Actor:
@@ -137,6 +145,11 @@ class Scheduler:
             raise TdxValueError(msg, name="name", value=new.name)
         self._actors.append(new)
         self._by_name[new.name] = new
+        if not new.done:
+            self._pos[new] = len(self._live)
+            self._live.append(new)
+            if new.waiting_on is not None:
+                self._parked[new] = None
         return new
 
     def actor(self, ref: ActorRef) -> Actor:
@@ -201,8 +214,9 @@ class Scheduler:
         SchedLivelock
             Past ``max_steps``. Whatever the generator raises propagates (the actor is done).
         """
-        a = self.actor(actor)
-        if not self._driver.runnable(a):
+        # the hot case (the storm loop steps the Actor choose() returned): no isinstance chain
+        a = actor if type(actor) is Actor and self._by_name.get(actor.name) is actor else self.actor(actor)
+        if a.done or (a.waiting_on is not None and not self._driver.runnable(a)):
             msg = f"actor {a.name!r} is not runnable: {self._why(a)}"
             raise TdxValueError(msg, name="actor", value=a.name)
         return self._advance(a)
@@ -214,10 +228,67 @@ class Scheduler:
             msg = f"livelock: more than max_steps={d.max_steps} steps (next actor {a.name!r})"
             raise SchedLivelock(msg)
         self.schedule.append(a.name)  # first: a step whose generator raises still happened
-        d.step(a)
+        synced = self._seen_steps == d.nr_steps
+        try:
+            d.step(a)
+        finally:
+            if synced:
+                self._seen_steps = d.nr_steps
+                if a.done:
+                    self._parked.pop(a, None)
+                    self._live.remove(a)
+                    self._pos = {x: i for i, x in enumerate(self._live)}
+                elif a.waiting_on is None:
+                    self._parked.pop(a, None)
+                else:
+                    self._parked[a] = None
         if a.done:
             return None
         return PREEMPT if a.waiting_on is None else a.waiting_on
+
+    def _ready(self) -> Tuple[List[Actor], List[int]]:
+        """Return the live actors (add order) and the sorted positions of the blocked ones.
+
+        The runnable actors are the live ones minus the blocked: exactly the list a scan of
+        every actor with :meth:`Driver.runnable` gives, in the same order, at O(actors waiting)
+        per call (the waiting actors are asked in the order they started waiting: only which of
+        two self-deadlocked actors is named first can differ from an add-order scan).
+        """
+        d = self._driver
+        if self._seen_steps != d.nr_steps:          # stepped from outside: rebuild
+            self._live = [a for a in self._actors if not a.done]
+            self._pos = {a: i for i, a in enumerate(self._live)}
+            self._parked = {a: None for a in self._live if a.waiting_on is not None}
+            self._seen_steps = d.nr_steps
+        parked = self._parked
+        if not parked:
+            return self._live, []
+        runnable, pos = d.runnable, self._pos
+        blocked = []
+        for a in parked:
+            w = a.waiting_on
+            if type(w) is Wait:
+                # Driver.runnable's first "no", inline: the lock is write-held by another actor
+                writer = w.lock._writer
+                if writer is not None and writer is not a and a not in w.lock._readers:
+                    blocked.append(pos[a])
+                    continue
+            if not runnable(a):
+                blocked.append(pos[a])
+        if len(blocked) > 1:
+            blocked.sort()
+        return self._live, blocked
+
+    def _draw(self, live: List[Actor], blocked: List[int]) -> Actor:
+        """Draw among the ``len(live) - len(blocked)`` runnable actors (one randrange, if > 1)."""
+        n = len(live) - len(blocked)
+        k = self._rng.randrange(n) if n > 1 else 0
+        for p in blocked:                           # the k-th runnable: skip the blocked before it
+            if p <= k:
+                k += 1
+            else:
+                break
+        return live[k]
 
     def run_until(self, actor: ActorRef, until: Until) -> Optional[Yielded]:
         """Step only ``actor`` until its yield satisfies ``until`` or it finishes; return the last yield.
@@ -267,22 +338,16 @@ class Scheduler:
                 msg = f"schedule[{i}]={a.name!r} is not runnable at its turn: {self._why(a)}"
                 raise TdxValueError(msg, name="schedule", value=a.name)
             self.step(a)
-        taken, runnable, actors = len(forced), self._driver.runnable, self._actors
-        nr_added, live = len(actors), [a for a in actors if not a.done]
+        taken = len(forced)
         while True:
-            if nr_added != len(actors):  # an actor added another: take it in
-                nr_added, live = len(actors), [a for a in actors if not a.done]
-            # live actors that yielded PREEMPT (waiting_on None) are runnable: skip the call
-            ready = [a for a in live if a.waiting_on is None or runnable(a)]
-            if not ready:
+            live, blocked = self._ready()           # actors added meanwhile are in it
+            if len(blocked) == len(live):
                 if not live:
                     return self.results
                 msg = f"deadlock: no actor can run; {self._waiting()}"
                 raise SchedDeadlock(msg)
             self._check_bound(bound, taken)
-            a = ready[self._rng.randrange(len(ready))] if len(ready) > 1 else ready[0]
-            if self._advance(a) is None:
-                live.remove(a)
+            self._advance(self._draw(live, blocked))
             taken += 1
 
     def choose(self) -> Optional[Actor]:
@@ -291,14 +356,13 @@ class Scheduler:
         Raises :class:`SchedDeadlock` when actors remain but none can run. The caller steps it
         (:meth:`step`), which records it in :attr:`schedule`.
         """
-        live = [a for a in self._actors if not a.done]
-        if not live:
-            return None
-        ready = [a for a in live if a.waiting_on is None or self._driver.runnable(a)]
-        if not ready:
+        live, blocked = self._ready()
+        if len(blocked) == len(live):
+            if not live:
+                return None
             msg = f"deadlock: no actor can run; {self._waiting()}"
             raise SchedDeadlock(msg)
-        return ready[self._rng.randrange(len(ready))] if len(ready) > 1 else ready[0]
+        return self._draw(live, blocked)
 
     # ------------------------------------------------------------------ diagnostics
     def _why(self, a: Actor) -> str:
