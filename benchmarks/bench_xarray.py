@@ -31,7 +31,7 @@ def _cached(key, build):
 
 
 def _uniform(impl, n=NR_GFNS_4G):
-    """A 4 GiB all-private store for each contender."""
+    """Build a 4 GiB all-private store for each contender."""
     def build():
         if impl in ("ranges", "xarray"):
             s = AttributeStore(impl)
@@ -80,6 +80,7 @@ def _per_op(benchmark, n):
 @pytest.mark.benchmark(group="xarray.lookup_uniform")
 @pytest.mark.parametrize("impl", ["ranges", "xarray", "dict", "pyroaring", "reference"])
 def test_lookup_uniform(benchmark, impl, lookup_keys):
+    """Point lookups of seeded random keys in a 4 GiB all-private guest."""
     n = NR_GFNS_4G if impl != "reference" else 1 << 14
     keys = lookup_keys if impl != "reference" else [k % n for k in lookup_keys]
     s = _uniform(impl, n)
@@ -116,6 +117,7 @@ def _set_pairs(impl, s):
 @pytest.mark.benchmark(group="xarray.set_2m")
 @pytest.mark.parametrize("impl", ["ranges", "xarray", "dict", "pyroaring", "reference"])
 def test_set_2m(benchmark, impl):
+    """Alternating 2 MiB (512-gfn) attribute sets."""
     s = _uniform(impl, NR_GFNS_4G if impl != "reference" else 1 << 17)
     benchmark.extra_info.update(config="2 MiB (512 gfns) alternating in a 4 GiB private guest",
                                 sets_per_round=2 * NR_PAIRS, backend=impl)
@@ -132,6 +134,7 @@ def test_set_2m(benchmark, impl):
 @pytest.mark.benchmark(group="xarray.memory_1t")
 @pytest.mark.parametrize("impl", ["ranges", "xarray"])
 def test_memory_1t(benchmark, impl):
+    """Bytes for a 1 TiB all-private guest (``ranges``: measured; ``xarray``: 4 GiB x 256)."""
     # ranges: the real 1 TiB guest; xarray: 4 GiB, extrapolated x256 (the real one is ~2.3 GiB).
     n = 1 << 28 if impl == "ranges" else NR_GFNS_4G
 
@@ -152,6 +155,7 @@ def test_memory_1t(benchmark, impl):
 @pytest.mark.benchmark(group="xarray.lookup_fragmented")
 @pytest.mark.parametrize("impl", ["ranges", "xarray", "pyroaring"])
 def test_lookup_fragmented(benchmark, impl, lookup_keys, fragmented_gfns):
+    """Point lookups in a 4 GiB guest of alternating 4K private/shared pages."""
     s = _fragmented(impl, fragmented_gfns)
     benchmark.extra_info.update(config="4 GiB alternating 4K private/shared", nr_keys=NR_KEYS,
                                 backend=impl)
@@ -164,6 +168,7 @@ def test_lookup_fragmented(benchmark, impl, lookup_keys, fragmented_gfns):
 @pytest.mark.benchmark(group="xarray.set_4k_fragmented")
 @pytest.mark.parametrize("impl", ["set_4k_fragmented", "set_4k_uniform"])
 def test_set_4k_fragmented(benchmark, impl, fragmented_gfns):
+    """A 4K set in the fragmented store vs in the uniform one."""
     s = _fragmented("ranges", fragmented_gfns) if impl == "set_4k_fragmented" else _uniform("ranges")
     g = 1001                                      # shared in the fragmented store
 

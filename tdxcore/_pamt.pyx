@@ -25,13 +25,13 @@ from tdxcore._busylock cimport (
     busylock_try_excl, busylock_try_shared, busylock_unlock_excl, busylock_unlock_shared,
 )
 from tdxcore._defs cimport (
-    BUSYLOCK_EXCL_BIT, BUSYLOCK_SHARED_MASK, PAMT_NO_OWNER, PT_NDA, PT_RSVD, PT_TDR,
-    TDX_PAGE_METADATA_INCORRECT, TDX_SUCCESS,
+    BUSYLOCK_EXCL_BIT, BUSYLOCK_SHARED_MASK, OPERAND_ID_RCX, PAMT_NO_OWNER, PT_NDA, PT_RSVD,
+    PT_TDR, TDX_OPERAND_BUSY, TDX_PAGE_METADATA_INCORRECT, TDX_SUCCESS,
     TDX_TD_ASSOCIATED_PAGES_EXIST, U64_MAX,
 )
 
 from tdxcore.constants import PageType
-from tdxcore.errors import TdxTypeError, TdxValueError, check_int
+from tdxcore.errors import TdxTypeError, TdxValueError, check_int, check_u64_array
 
 cnp.import_array()
 
@@ -433,6 +433,78 @@ cdef class Pamt:
         for k in range(PAMT_NR_TYPES):
             total += tdx_atomic_load_relaxed(&self._nr_by_type[k])
         return self.nr_frames - total
+
+    def reclaim_batch(self, pfns, owner):
+        """Return each frame of ``pfns`` owned by the TDR ``owner`` to ``PT_NDA``; GIL released.
+
+        The PAMT part of TDH.PHYMEM.PAGE.RECLAIM for the child pages of one TD in TEARDOWN
+        (the module layer checks the lifecycle once for the whole batch).
+
+        Parameters
+        ----------
+        pfns : array_like of int
+            Frames, each in ``[0, nr_frames)`` (checked for all before any change).
+        owner : int
+            A ``PT_TDR`` frame.
+
+        Returns
+        -------
+        ndarray of uint64
+            One status per element, in order: ``TDX_OPERAND_BUSY|RCX`` (the frame's PAMT entry
+            lock is held), ``TDX_PAGE_METADATA_INCORRECT|RCX`` (``PT_NDA``/``PT_RSVD``, a
+            ``PT_TDR``, or owned by another TDR), else the release's status (``TDX_SUCCESS``).
+            A frame repeated in ``pfns`` fails the second time (it is ``PT_NDA`` by then).
+
+        Raises
+        ------
+        TdxTypeError, TdxValueError
+            ``pfns`` is not a 1-D integer array of frames, or ``owner`` is not a ``PT_TDR`` frame.
+        """
+        p = check_u64_array("pfns", pfns, self.nr_frames)
+        cdef uint64_t o = _pfn_arg(self, owner, "owner")
+        if self.page_type_c(o) != PT_TDR:
+            msg = f"owner={o:#x} is not a PT_TDR frame"
+            raise TdxValueError(msg, name="owner", value=owner)
+        out = np.empty(p.shape[0], dtype=np.uint64)
+        cdef const uint64_t[::1] pv = p
+        cdef uint64_t[::1] ov = out
+        cdef Py_ssize_t k, n = p.shape[0]
+        cdef uint64_t pfn, t, s, expected
+        cdef pamt_chunk* c
+        cdef uint64_t i
+        cdef uint64_t freed[PAMT_NR_TYPES]
+        cdef uint64_t nfreed = 0
+        cdef int ty
+        cdef pamt_chunk* oc = self._chunk(o)
+        for ty in range(PAMT_NR_TYPES):
+            freed[ty] = 0
+        with nogil:
+            for k in range(n):
+                pfn = pv[k]
+                c = self._chunk(pfn)
+                s = TDX_PAGE_METADATA_INCORRECT | OPERAND_ID_RCX
+                if c != NULL:
+                    i = pfn & PAMT_CHUNK_MASK
+                    t = tdx_atomic_load_relaxed(&c.type[i])
+                    if tdx_atomic_load_relaxed(&c.lock[i]) & (BUSYLOCK_EXCL_BIT | BUSYLOCK_SHARED_MASK):
+                        s = TDX_OPERAND_BUSY | OPERAND_ID_RCX
+                    elif t != PT_NDA and t != PT_RSVD and t != PT_TDR and c.owner[i] == o:
+                        # release_c, with the per-type and CHLDCNT counts applied once at the end:
+                        # two threads reclaiming two TDs then share no counter cache line per page
+                        expected = t
+                        if tdx_atomic_cas_acq_rel(&c.type[i], &expected, PT_NDA):
+                            c.owner[i] = PAMT_NO_OWNER
+                            tdx_atomic_store_relaxed(&c.bepoch[i], 0)
+                            freed[t & (PAMT_NR_TYPES - 1)] += 1
+                            nfreed += 1
+                            s = TDX_SUCCESS
+                ov[k] = s
+            for ty in range(PAMT_NR_TYPES):
+                if freed[ty]:
+                    tdx_atomic_fetch_sub_relaxed(&self._nr_by_type[ty], freed[ty])
+            if nfreed and oc != NULL:
+                tdx_atomic_fetch_sub_relaxed(&oc.chldcnt[o & PAMT_CHUNK_MASK], nfreed)
+        return out
 
     def types(self, start, end):
         """Return a copy of the page types of frames ``[start, end)`` as ``ndarray[uint8]``."""

@@ -58,6 +58,12 @@ cdef uint64_t E_TDP = (<uint64_t>1) << SEPT_BIT_TDP
 cdef uint64_t E_SVE = (<uint64_t>1) << SEPT_BIT_SVE
 cdef uint64_t E_FREE                # a FREE entry as the module writes it: FREE bits | SVE
 cdef uint64_t _SUPPLY_EXHAUSTED = U64_MAX - 1   # internal: sept_add_range ran out of pages
+# Fast decode: when every state bit lies in entry bits [0, 10) or [53, 64) (the module layout),
+# the 7-bit encoding is _DEC_LO[e & 1023] | _DEC_HI[e >> 53] — two loads instead of seven
+# shift-and-mask steps on every entry a walk reads.
+cdef uint8_t _DEC_LO[1024]
+cdef uint8_t _DEC_HI[2048]
+cdef bint _DEC_FAST = False
 
 if len(_constants.SEPT_STATE_BITS) != 7:
     raise ImportError("constants.SEPT_STATE_BITS must list 7 entry bits")
@@ -82,6 +88,30 @@ cdef void _init_tables():
     I_PENDING = SEPT_STATE_INDEX_BY_ENCODING[SEPT_PENDING]
     I_BLOCKED = SEPT_STATE_INDEX_BY_ENCODING[SEPT_BLOCKED]
     E_FREE = _STATE_BITS[I_FREE] | E_SVE
+    _init_decode()
+
+
+cdef void _init_decode():
+    global _DEC_FAST
+    cdef int b, v
+    cdef uint8_t acc
+    for b in range(7):
+        if 10 <= _ENC_BIT[b] < 53 or _ENC_BIT[b] >= 64:
+            _DEC_FAST = False
+            return
+    for v in range(1024):
+        acc = 0
+        for b in range(7):
+            if _ENC_BIT[b] < 10 and (v >> _ENC_BIT[b]) & 1:
+                acc |= <uint8_t>(1 << b)
+        _DEC_LO[v] = acc
+    for v in range(2048):
+        acc = 0
+        for b in range(7):
+            if _ENC_BIT[b] >= 53 and (v >> (_ENC_BIT[b] - 53)) & 1:
+                acc |= <uint8_t>(1 << b)
+        _DEC_HI[v] = acc
+    _DEC_FAST = True
 
 
 _init_tables()
@@ -89,10 +119,14 @@ _init_tables()
 
 cdef inline uint8_t _sidx(uint64_t e) noexcept nogil:
     """Dense state index of entry e (entries are only ever written with valid encodings)."""
-    cdef uint64_t enc = (((e >> _ENC_BIT[0]) & 1) | (((e >> _ENC_BIT[1]) & 1) << 1)
-                         | (((e >> _ENC_BIT[2]) & 1) << 2) | (((e >> _ENC_BIT[3]) & 1) << 3)
-                         | (((e >> _ENC_BIT[4]) & 1) << 4) | (((e >> _ENC_BIT[5]) & 1) << 5)
-                         | (((e >> _ENC_BIT[6]) & 1) << 6))
+    cdef uint64_t enc
+    if _DEC_FAST:
+        enc = _DEC_LO[e & 1023] | _DEC_HI[e >> 53]
+        return SEPT_STATE_INDEX_BY_ENCODING[enc] & 15
+    enc = (((e >> _ENC_BIT[0]) & 1) | (((e >> _ENC_BIT[1]) & 1) << 1)
+           | (((e >> _ENC_BIT[2]) & 1) << 2) | (((e >> _ENC_BIT[3]) & 1) << 3)
+           | (((e >> _ENC_BIT[4]) & 1) << 4) | (((e >> _ENC_BIT[5]) & 1) << 5)
+           | (((e >> _ENC_BIT[6]) & 1) << 6))
     cdef uint8_t i = SEPT_STATE_INDEX_BY_ENCODING[enc]
     return i & 15   # 0xFF cannot occur; the mask keeps every table read in bounds regardless
 

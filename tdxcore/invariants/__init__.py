@@ -16,6 +16,7 @@ from tdxcore.invariants import exits as _exits  # noqa: F401  (I23: unknown TDVM
 from tdxcore.invariants import kvm as _kvm  # noqa: F401  (KVM-layer invariants: I16, I21, I20kvm)
 from tdxcore.invariants import kvm_memory as _kvm_memory  # noqa: F401  (I06, I08-I14, S6a, S6d, S6e)
 from tdxcore.invariants import module as _module  # noqa: F401  (registers the built-ins)
+from tdxcore.invariants import security as _security  # noqa: F401  (S6f, S6g: security properties)
 from tdxcore.invariants import temporal as _temporal  # noqa: F401
 from tdxcore.invariants.registry import (
     LAYERS,

@@ -141,7 +141,7 @@ class _Cut:
 
 #: Event kinds the KVM scanner handles itself (in log order with the base scanner's op edges).
 _OWN = frozenset(("ioctl", "kick", "vm_bug", "vm_dead", "fault", "invalidate_begin", "invalidate_end",
-                  "set_memory_attributes", "td_enter", "td_exit"))
+                  "set_memory_attributes", "td_enter", "td_exit", "seamcall_batch", "tdcall_batch"))
 
 
 class KvmScan(Scanner):
@@ -221,6 +221,17 @@ class KvmScan(Scanner):
 
     def _own(self, i: int, ev: Tuple[Any, ...]) -> None:  # noqa: C901
         k = ev[0]
+        if k == "seamcall_batch" or k == "tdcall_batch":
+            # module/batch.py: ev = (kind, actor, leaf, nr, nr_ok, status, gfn, pfn, tdr); a run of
+            # nr consecutive gfns from gfn (AUG, ACCEPT) — the I06 shadow of the per-page ends
+            if ev[6] is not None and ev[8] in self.tdsh:
+                gfns = range(ev[6], ev[6] + ev[3])
+                if k == "tdcall_batch" and ev[2] == _ACCEPT:
+                    self.tdsh[ev[8]].pending.difference_update(gfns)
+                    self.tdsh[ev[8]].blocked.difference_update(gfns)
+                elif k == "seamcall_batch" and ev[2] == _AUG and ev[3] == ev[4]:
+                    self.tdsh[ev[8]].pending.update(gfns)
+            return
         if k == "ioctl":
             # KVM_TDX_INIT_VM returns after its MNG.CREATE: it names that TD's VM (a VM destroyed
             # before any check is known only this way)

@@ -316,6 +316,12 @@ class Scanner:
                         self._viol("I03", f"{k} names op {ev[4]}, which is not in flight", i)
                     else:
                         self._close(other)
+            elif k == "seamcall_batch":         # module/batch.py: one event for a batch of pages
+                td = self.tds.get(ev[8])
+                if td is not None and ev[2] in (L.TDH_MEM_SEPT_ADD, L.TDH_MEM_PAGE_AUG):
+                    td.children += ev[4]
+                elif td is not None and ev[2] == L.TDH_PHYMEM_PAGE_RECLAIM:
+                    td.children -= ev[4]
             elif k == "td_enter":
                 self._enter(host, i, ev)
             elif k == "td_exit":

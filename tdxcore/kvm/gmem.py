@@ -13,6 +13,7 @@ Mirrors ``virt/kvm/guest_memfd.c`` (Linux 6.18) and the ``vfs_fallocate`` checks
 
 from __future__ import annotations
 
+import bisect
 import errno as _errno
 import struct
 from typing import TYPE_CHECKING, Any, Dict, Generator, List, Optional, Tuple
@@ -96,7 +97,11 @@ class GuestMemfd:
         self.size = size
         self.flags = flags
         self.invalidate_lock = KLock("filemap_invalidate_lock")
-        self._pages: Dict[int, int] = {}  # page index -> backing pfn
+        self._pd: Dict[int, int] = {}  # page index -> backing pfn
+        # Pages backed in bulk (kvm/tdx_batch.py): [start, end, first_pfn] runs of page indices,
+        # ascending, disjoint from _pd; index i is backed by first_pfn + i - start. Any per-page
+        # access through _pages expands them first.
+        self._bulk: List[List[int]] = []
         self._bindings: List[Tuple[int, int, "Memslot"]] = []  # [start, end) page index -> slot
         self._closed = False
         vm.get()
@@ -104,7 +109,7 @@ class GuestMemfd:
 
     def __repr__(self) -> str:
         return (f"GuestMemfd(fd={self.fd}, vm={self.vm.id}, size={self.size:#x}, flags={self.flags:#x}, "
-                f"pages={len(self._pages)}, closed={self._closed})")
+                f"pages={self.nr_pages}, closed={self._closed})")
 
     # ------------------------------------------------------------------ properties
     @property
@@ -115,7 +120,58 @@ class GuestMemfd:
     @property
     def nr_pages(self) -> int:
         """Pages currently backed by a host frame."""
-        return len(self._pages)
+        return len(self._pd) + sum(b - a for a, b, _ in self._bulk)
+
+    @property
+    def _pages(self) -> Dict[int, int]:
+        """The per-index page table (bulk runs expanded into it first)."""
+        if self._bulk:
+            pd = self._pd
+            for a, b, p0 in self._bulk:
+                for k in range(b - a):
+                    pd[a + k] = p0 + k
+            self._bulk = []
+        return self._pd
+
+    def bulk_runs(self) -> Tuple[Tuple[int, int, int], ...]:
+        """Return the bulk runs ``(start_index, end_index, first_pfn)``, ascending."""
+        return tuple((a, b, p) for a, b, p in self._bulk)
+
+    def hole_segments(self, start: int, end: int) -> List[Tuple[int, int]]:
+        """``[lo, hi)`` index segments of ``[start, end)`` with no backing page, ascending."""
+        if end - start == 1:            # one page (every 4K fault): no list building, no sort
+            backed = start in self._pd or (bool(self._bulk) and self._pfn_bulk(start) is not None)
+            return [] if backed else [(start, end)]
+        taken = sorted([(max(a, start), min(b, end)) for a, b, _ in self._bulk if a < end and start < b]
+                       + [(i, i + 1) for i in (sorted(i for i in self._pd if start <= i < end)
+                                              if end - start > len(self._pd)
+                                              else [i for i in range(start, end) if i in self._pd])])
+        out: List[Tuple[int, int]] = []
+        pos = start
+        for a, b in taken:
+            if a > pos:
+                out.append((pos, a))
+            pos = max(pos, b)
+        if pos < end:
+            out.append((pos, end))
+        return out
+
+    def bulk_add(self, runs: List[Tuple[int, int, int]]) -> None:
+        """Record backing runs ``(start_index, end_index, first_pfn)`` of holes (caller checked)."""
+        merged = sorted([list(r) for r in runs if r[1] > r[0]] + self._bulk)
+        out: List[List[int]] = []
+        for r in merged:
+            if out and out[-1][1] == r[0] and out[-1][2] + (r[0] - out[-1][0]) == r[2]:
+                out[-1][1] = r[1]
+            else:
+                out.append(r)
+        self._bulk = out
+
+    def _pfn_bulk(self, index: int) -> Optional[int]:
+        i = bisect.bisect_right(self._bulk, [index, 1 << 64]) - 1
+        if i >= 0 and self._bulk[i][0] <= index < self._bulk[i][1]:
+            return self._bulk[i][2] + index - self._bulk[i][0]
+        return None
 
     @property
     def bindings(self) -> Tuple[Tuple[int, int, int], ...]:
@@ -124,7 +180,11 @@ class GuestMemfd:
 
     def pfn_of(self, index: int) -> Optional[int]:
         """Return the frame backing page ``index``, or None (a hole)."""
-        return self._pages.get(check_int("index", index, 0, self.size >> PAGE_SHIFT))
+        i = check_int("index", index, 0, self.size >> PAGE_SHIFT)
+        p = self._pd.get(i)
+        if p is None and self._bulk:
+            return self._pfn_bulk(i)
+        return p
 
     # ------------------------------------------------------------------ fallocate
     def fallocate(self, mode: int, offset: int, length: int) -> None:
@@ -202,24 +262,25 @@ class GuestMemfd:
         it got before failing; the model keeps SPEC §7's "no state change" on an error). The
         hole count is checked against the host's free frames first, so a huge range fails fast.
         """
-        if end - start > len(self._pages):
-            backed = sum(1 for i in self._pages if start <= i < end)
+        pd = self._pd
+        if end - start == 1 and not self._bulk:         # the fault path: one page
+            segs = [] if start in pd else [(start, end)]
         else:
-            backed = sum(1 for i in range(start, end) if i in self._pages)
-        holes = end - start - backed
+            segs = self.hole_segments(start, end)       # bulk runs stay runs
+        holes = sum(b - a for a, b in segs)
         if holes > self.vm.kvm.host.free_frames:
             free = self.vm.kvm.host.free_frames
             return fail(_errno.ENOMEM, f"no host frame for {holes} pages ({free} free)")
         new: List[int] = []
         try:
-            for index in range(start, end):
-                if index not in self._pages:
+            for a, b in segs:
+                for index in range(a, b):
                     pfn = self._new_frame()
-                    self._pages[index] = pfn
+                    pd[index] = pfn
                     new.append(index)
         except HostError:
             for index in new:
-                self.vm.kvm.host.free_frame(self._pages.pop(index))
+                self.vm.kvm.host.free_frame(pd.pop(index))
             return fail(_errno.ENOMEM, f"no host frame for page {start + len(new):#x}")
         return OK
 
@@ -240,16 +301,41 @@ class GuestMemfd:
         """
         end = min(end, self.size >> PAGE_SHIFT)
         pinned = yield from self.vm.kvm_gmem_invalidate(self, start, end)
-        if end - start > len(self._pages):
-            victims = sorted(i for i in self._pages if start <= i < end)
-        else:
-            victims = [i for i in range(start, end) if i in self._pages]
         kept = self.vm.pinned_pfns
+        if self._bulk:                  # bulk runs go back as frame ranges, not page by page
+            keep: List[List[int]] = []
+            for a, b, p0 in self._bulk:
+                lo, hi = max(a, start), min(b, end)
+                if lo >= hi:
+                    keep.append([a, b, p0])
+                    continue
+                if a < lo:
+                    keep.append([a, lo, p0])
+                if hi < b:
+                    keep.append([hi, b, p0 + hi - a])
+                self._free_run(lo, hi, p0 + lo - a, pinned, kept)
+            self._bulk = keep
+        pd = self._pd
+        if end - start > len(pd):
+            victims = sorted(i for i in pd if start <= i < end)
+        else:
+            victims = [i for i in range(start, end) if i in pd]
         for index in victims:
-            pfn = self._pages.pop(index)
+            pfn = pd.pop(index)
             if index not in pinned and pfn not in kept:
                 self.vm.kvm.host.free_frame(pfn)
         yield from self.vm.kvm_gmem_invalidate_end(self, start, end)
+
+    def _free_run(self, lo: int, hi: int, pfn0: int, pinned: Any, kept: Any) -> None:
+        """Free the frames backing indices ``[lo, hi)`` (``pfn0`` first) except pinned/kept ones."""
+        skip = sorted({pfn0 + i - lo for i in pinned if lo <= i < hi}
+                      | {p for p in kept if pfn0 <= p < pfn0 + hi - lo})
+        pos = pfn0
+        host = self.vm.kvm.host
+        for p in skip + [pfn0 + hi - lo]:
+            if p > pos:
+                host.free_frame_range(pos, p - pos)
+            pos = p + 1
 
     # ------------------------------------------------------------------ host mapping
     def _check_mapping(self, offset: int, size: int) -> Tuple[int, int]:
@@ -277,8 +363,10 @@ class GuestMemfd:
         while pos < off + n:
             index, inner = pos >> PAGE_SHIFT, pos & (PAGE_SIZE - 1)
             chunk = min(off + n - pos, PAGE_SIZE - inner)
-            pfn = self._pages.get(index)
-            out += bytes(chunk) if pfn is None else host.frame_read(pfn, inner, chunk, 0)
+            pfn = self._pd.get(index)
+            if pfn is None and self._bulk:
+                pfn = self._pfn_bulk(index)
+            out += bytes(chunk) if pfn is None else host.host_frame_read(pfn, inner, chunk, "guest_memfd map")
             pos += chunk
         return bytes(out)
 
@@ -299,7 +387,7 @@ class GuestMemfd:
         while pos < off + n:
             index, inner = pos >> PAGE_SHIFT, pos & (PAGE_SIZE - 1)
             chunk = min(off + n - pos, PAGE_SIZE - inner)
-            host.frame_write(self._pages[index], inner, b[pos - off:pos - off + chunk], 0)
+            host.frame_write(self.pfn_of(index), inner, b[pos - off:pos - off + chunk], 0)
             pos += chunk
 
     # ------------------------------------------------------------------ bindings (memslot.py)

@@ -14,6 +14,7 @@ given as a :class:`MirrorOps` object.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import errno as _errno
 import struct
@@ -80,12 +81,99 @@ class MirrorMmu:
         # (pg_level of the SPTE, first gfn it covers) -> (external page, state)
         self._nonleaf: Dict[Tuple[int, int], Tuple[int, SpteState]] = {}
         # gfn -> (pfn, state) for 4K leaves
-        self._leaves: Dict[int, Tuple[int, SpteState]] = {}
+        self._ld: Dict[int, Tuple[int, SpteState]] = {}
+        # PRESENT leaves mapped in bulk (kvm/tdx_batch.py): [start_gfn, end_gfn, first_pfn] runs,
+        # ascending, disjoint from _ld; gfn g maps first_pfn + g - start_gfn. A 16 M-page TD is
+        # then a few runs, not 16 M dict entries; any per-page mutation expands them first.
+        self._bulk: List[List[int]] = []
+
+    @property
+    def _leaves(self) -> Dict[int, Tuple[int, SpteState]]:
+        """The per-gfn leaf table (bulk runs expanded into it first)."""
+        if self._bulk:
+            self._expand()
+        return self._ld
+
+    def _split_out(self, gfn: int) -> None:
+        """Move ``gfn`` out of its bulk run (if any) into the per-gfn table, PRESENT."""
+        i = bisect.bisect_right(self._bulk, [gfn, 1 << 64]) - 1
+        if i < 0 or not self._bulk[i][0] <= gfn < self._bulk[i][1]:
+            return
+        g0, g1, p0 = self._bulk[i]
+        pieces = [r for r in ([g0, gfn, p0], [gfn + 1, g1, p0 + gfn + 1 - g0]) if r[1] > r[0]]
+        self._bulk[i:i + 1] = pieces
+        self._ld[gfn] = (p0 + gfn - g0, SpteState.PRESENT)
+
+    def _expand(self) -> None:
+        ld, present = self._ld, SpteState.PRESENT
+        for g0, g1, p0 in self._bulk:
+            for k in range(g1 - g0):
+                ld[g0 + k] = (p0 + k, present)
+        self._bulk = []
+
+    # ------------------------------------------------------------------ bulk (kvm/tdx_batch.py)
+    @property
+    def nr_leaves(self) -> int:
+        """Leaf SPTEs (present or frozen), bulk runs included, without expanding them."""
+        return len(self._ld) + sum(g1 - g0 for g0, g1, _ in self._bulk)
+
+    def bulk_runs(self) -> Tuple[Tuple[int, int, int], ...]:
+        """Return the bulk runs ``(start_gfn, end_gfn, first_pfn)``, ascending."""
+        return tuple((g0, g1, p0) for g0, g1, p0 in self._bulk)
+
+    def bulk_map(self, runs: List[Tuple[int, int, int]]) -> None:
+        """Record PRESENT leaves ``(start_gfn, end_gfn, first_pfn)`` (caller: none present yet).
+
+        The caller holds ``mmu_lock`` and has set the S-EPT leaves (the batch AUG).
+        """
+        merged = sorted([list(r) for r in runs if r[1] > r[0]] + self._bulk)
+        out: List[List[int]] = []
+        for r in merged:
+            if out and out[-1][1] == r[0] and out[-1][2] + (r[0] - out[-1][0]) == r[2]:
+                out[-1][1] = r[1]
+            else:
+                out.append(r)
+        self._bulk = out
+
+    def take_present_range(self, start: int, end: int) -> Tuple[List[Tuple[int, int, int]],
+                                                                List[Tuple[int, int]]]:
+        """Remove and return the PRESENT leaves of ``[start, end)`` (``mmu_lock`` write held).
+
+        Returns ``(runs, singles)``: bulk runs clipped to the range as ``(start_gfn, end_gfn,
+        first_pfn)`` and per-gfn leaves as ``(gfn, pfn)``, both ascending. FROZEN leaves stay
+        (a hook call on them is in progress), as the per-page zap skips them.
+        """
+        runs: List[Tuple[int, int, int]] = []
+        keep: List[List[int]] = []
+        for g0, g1, p0 in self._bulk:
+            lo, hi = max(g0, start), min(g1, end)
+            if lo >= hi:
+                keep.append([g0, g1, p0])
+                continue
+            runs.append((lo, hi, p0 + lo - g0))
+            if g0 < lo:
+                keep.append([g0, lo, p0])
+            if hi < g1:
+                keep.append([hi, g1, p0 + hi - g0])
+        self._bulk = keep
+        ld = self._ld
+        if end - start > len(ld):
+            gfns = sorted(g for g, (_, st) in ld.items() if start <= g < end and st == SpteState.PRESENT)
+        else:
+            gfns = [g for g in range(start, end) if g in ld and ld[g][1] == SpteState.PRESENT]
+        singles = [(g, ld.pop(g)[0]) for g in gfns]
+        return runs, singles
 
     # ------------------------------------------------------------------ views
     def leaf(self, gfn: int) -> Optional[Tuple[int, SpteState]]:
         """``(pfn, state)`` of the leaf SPTE at ``gfn``, or None (non-present)."""
-        return self._leaves.get(gfn)
+        cur = self._ld.get(gfn)
+        if cur is None and self._bulk:
+            i = bisect.bisect_right(self._bulk, [gfn, 1 << 64]) - 1
+            if i >= 0 and self._bulk[i][0] <= gfn < self._bulk[i][1]:
+                b = self._bulk[i]
+                return (b[2] + gfn - b[0], SpteState.PRESENT)
+        return cur
 
     @property
     def leaves(self) -> Tuple[Tuple[int, int], ...]:
@@ -103,9 +191,18 @@ class MirrorMmu:
 
         O(min(range, leaves)): a huge range walks the leaves, a small one the range.
         """
-        if end - start > len(self._leaves):
-            return sorted(g for g in self._leaves if start <= g < end)
-        return [g for g in range(start, end) if g in self._leaves]
+        ld = self._ld
+        if end - start > len(ld):
+            out = sorted(g for g in ld if start <= g < end)
+        else:
+            out = [g for g in range(start, end) if g in ld]
+        if self._bulk:                      # bulk runs are listed, not expanded
+            for g0, g1, _ in self._bulk:
+                lo, hi = max(g0, start), min(g1, end)
+                if lo < hi:
+                    out.extend(range(lo, hi))
+            out.sort()
+        return out
 
     def gfn_of_pfn(self, pfn: int) -> Optional[int]:
         """Return the gfn whose leaf maps ``pfn`` (None if none)."""
@@ -169,17 +266,19 @@ class MirrorMmu:
                 self.ops.free_spt(spt)
                 return ret
             self._nonleaf[key] = (spt, SpteState.PRESENT)
-        cur = self._leaves.get(gfn)
+        cur = self._ld.get(gfn)
+        if cur is None and self._bulk:
+            cur = self.leaf(gfn)            # a bulk-mapped leaf: PRESENT
         if cur is not None:
             if cur[1] == SpteState.FROZEN:
                 return -_errno.EBUSY
             return 0 if cur[0] == pfn else -_errno.EEXIST
-        self._leaves[gfn] = (pfn, SpteState.FROZEN)
+        self._ld[gfn] = (pfn, SpteState.FROZEN)
         ret = yield from self.ops.set_external_spte(gfn, PG_LEVEL_4K, pfn, actor)
         if ret:
-            del self._leaves[gfn]
+            del self._ld[gfn]
             return ret
-        self._leaves[gfn] = (pfn, SpteState.PRESENT)
+        self._ld[gfn] = (pfn, SpteState.PRESENT)
         return 0
 
     # ------------------------------------------------------------------ zap
@@ -197,14 +296,16 @@ class MirrorMmu:
 
     def zap_private_leaf_locked(self, gfn: int) -> Generator[Any, Any, int]:
         """:meth:`zap_private_leaf` for a caller that holds ``mmu_lock`` for write."""
-        cur = self._leaves.get(gfn)
+        if self._bulk and gfn not in self._ld:
+            self._split_out(gfn)            # only this page leaves its run
+        cur = self._ld.get(gfn)
         if cur is None or cur[1] != SpteState.PRESENT:
             return 0
-        self._leaves[gfn] = (cur[0], SpteState.FROZEN)
+        self._ld[gfn] = (cur[0], SpteState.FROZEN)
         try:
             ret = yield from self.ops.remove_external_spte(gfn, PG_LEVEL_4K, cur[0])
         finally:
-            del self._leaves[gfn]
+            del self._ld[gfn]
         return int(ret)
 
     def zap_all_private_leaves(self) -> Generator[Any, Any, List[int]]:

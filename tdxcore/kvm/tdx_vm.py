@@ -537,11 +537,10 @@ class TdxVm(Vm):
         return OK
 
     def _rd(self, field: int) -> int:
-        """``td_tdcs_exec_read64``: TDH.MNG.RD; a failure is a KVM_BUG and reads as 0."""
+        """``td_tdcs_exec_read64``: TDH.MNG.RD; a failure reads as 0 (6.18: pr_err, no KVM_BUG)."""
         assert self.tdr is not None
         res = self.kvm.host.tdx.tdh_mng_rd(self.tdr, field)
         if res.status != TDX_SUCCESS:
-            self.bug(f"TDH.MNG.RD field {field}: {res.status.name}")
             return 0
         return int(res.r8)
 
@@ -869,7 +868,11 @@ class TdxVm(Vm):
         run_to_completion(self._mmu_release_hkid(), name="tdx_mmu_release_hkid")
         for v in self.vcpus:
             self._vcpu_free(v)
-        self.mmu.free_all_spt()
+        from tdxcore.kvm import tdx_batch
+        if tdx_batch.batch_spt_applies(self):     # opted in: one batch RECLAIM of the S-EPT pages
+            tdx_batch.free_all_spt_batch(self)
+        else:
+            self.mmu.free_all_spt()
         self._reclaim_td_control_pages()
         # an HKID still assigned was recorded as leaked: KVM never gives it back
         self.hkid = None
@@ -885,13 +888,8 @@ class TdxVm(Vm):
         WBINVD per page, :mod:`tdxcore.kvm.tdx_mmu`), as 6.18's ``kvm_gmem_release`` /
         ``kvm_gmem_punch_hole`` do before the pages go back to the host.
         """
-        pages = gmem._pages
-        if end - start > len(pages):
-            indices = [i for i in pages if start <= i < end]
-        else:
-            indices = [i for i in range(start, end) if i in pages]
-        for index in indices:
-            self._gmem_prepared.discard((gmem.fd, index))
+        for key in [k for k in self._gmem_prepared if k[0] == gmem.fd and start <= k[1] < end]:
+            self._gmem_prepared.discard(key)
         return (yield from super().kvm_gmem_invalidate(gmem, start, end))
 
     def zap_private_locked(self, start: int, end: int) -> Generator[Any, Any, List[int]]:
@@ -900,6 +898,9 @@ class TdxVm(Vm):
         A policy with a ``zap_range(vm, gfns)`` generator method zaps the range itself (the hook of
         :mod:`tdxcore.kvm.policy_batched`, not upstream); 6.18 zaps page by page below.
         """
+        from tdxcore.kvm import tdx_batch
+        if tdx_batch.batch_zap_applies(self):       # terminated: one batch RECLAIM, not per page
+            return (yield from tdx_batch.zap_terminated_range(self, start, end))
         if hasattr(self.policy, "zap_range"):
             return (yield from self.policy.zap_range(self, self.mmu.leaves_in(start, end)))
         return (yield from self.zap_leaves_per_page(self.mmu.leaves_in(start, end)))

@@ -15,6 +15,7 @@ Three small objects the :class:`~tdxcore.module.host.Host` puts together (STYLE 
 
 from __future__ import annotations
 
+import bisect
 import errno as _errno
 import hashlib
 import heapq
@@ -30,6 +31,8 @@ __all__ = ["FrameAllocator", "FrameContents", "UserMemory", "LOW_RESERVED_FRAMES
 
 #: First user address handed out by :meth:`UserMemory.mmap` (model choice, page aligned).
 HVA_BASE = 0x7F00_0000_0000
+#: Above every pfn: bisect key for the run list.
+_INF = 1 << 64
 #: Bytes per scramble block: one cache line, the granularity of memory encryption.
 _LINE = 64
 
@@ -48,18 +51,35 @@ class FrameAllocator:
         self._next = min(LOW_RESERVED_FRAMES, nr_frames)  # first never-allocated frame
         self._freed: List[int] = []                       # heap of freed frames, all < _next
         self._freed_set: Dict[int, None] = {}
+        # Runs [start, end) freed by free_range (batch teardown), ascending, disjoint from the
+        # heap; a 16 M-page teardown then costs one entry, not 16 M heap items.
+        self._runs: List[List[int]] = []
+        self._nr_in_runs = 0
 
     @property
     def nr_free(self) -> int:
         """Frames that :meth:`alloc` can still hand out."""
-        return (self.nr_frames - self._next) + len(self._freed)
+        return (self.nr_frames - self._next) + len(self._freed) + self._nr_in_runs
+
+    def _in_runs(self, pfn: int) -> bool:
+        i = bisect.bisect_right(self._runs, [pfn, _INF]) - 1
+        return i >= 0 and self._runs[i][0] <= pfn < self._runs[i][1]
 
     def is_allocated(self, pfn: int) -> bool:
         """Return whether ``pfn`` is currently allocated."""
-        return LOW_RESERVED_FRAMES <= pfn < self._next and pfn not in self._freed_set
+        return (LOW_RESERVED_FRAMES <= pfn < self._next and pfn not in self._freed_set
+                and not (self._runs and self._in_runs(pfn)))
 
     def alloc(self) -> int:
         """Return the lowest free frame; ``HostError(ENOMEM)`` when none is left."""
+        if self._runs and (not self._freed or self._runs[0][0] < self._freed[0]):
+            r = self._runs[0]
+            pfn = r[0]
+            r[0] += 1
+            if r[0] == r[1]:
+                del self._runs[0]
+            self._nr_in_runs -= 1
+            return pfn
         if self._freed:
             pfn = heapq.heappop(self._freed)
             del self._freed_set[pfn]
@@ -89,10 +109,94 @@ class FrameAllocator:
         heapq.heappush(self._freed, pfn)
         self._freed_set[pfn] = None
 
+    def alloc_runs(self, nr: int) -> List[Tuple[int, int]]:
+        """Allocate ``nr`` frames in exactly the order ``nr`` calls of :meth:`alloc` would.
+
+        Returns
+        -------
+        list of (int, int)
+            ``(first pfn, count)`` runs of consecutive frames, in allocation order. All or
+            nothing: ``HostError(ENOMEM)`` (nothing taken) when fewer than ``nr`` are free.
+        """
+        if nr > self.nr_free:
+            msg = f"out of memory: cannot allocate {nr} frames ({self.nr_free} free)"
+            raise HostError(_errno.ENOMEM, msg)
+        out: List[List[int]] = []
+
+        def put(pfn: int, k: int) -> None:
+            if out and out[-1][0] + out[-1][1] == pfn:
+                out[-1][1] += k
+            else:
+                out.append([pfn, k])
+
+        left = nr
+        while left and (self._freed or self._runs):
+            if self._runs and (not self._freed or self._runs[0][0] < self._freed[0]):
+                r = self._runs[0]
+                # never hand out a run frame above a lower heap frame: lowest first, always
+                hi = r[1] if not self._freed else min(r[1], self._freed[0])
+                k = min(left, hi - r[0])
+                put(r[0], k)
+                r[0] += k
+                self._nr_in_runs -= k
+                if r[0] == r[1]:
+                    del self._runs[0]
+            else:
+                pfn = heapq.heappop(self._freed)
+                del self._freed_set[pfn]
+                put(pfn, 1)
+                k = 1
+            left -= k
+        if left:
+            put(self.alloc_contig(left), left)
+        return [(p, k) for p, k in out]
+
+    def free_range(self, pfn: int, nr: int) -> None:
+        """Free the ``nr`` allocated frames ``[pfn, pfn + nr)`` as one run (batch teardown).
+
+        The same frames as ``nr`` calls of :meth:`free` and the same later allocation order;
+        ``TdxValueError`` (nothing freed) if any frame of the range is not allocated.
+        """
+        if nr <= 0:
+            return
+        end = pfn + nr
+        bad = pfn < LOW_RESERVED_FRAMES or end > self._next
+        if not bad and self._freed_set:
+            bad = any(pfn <= f < end for f in self._freed_set) if len(self._freed_set) < nr else \
+                any(f in self._freed_set for f in range(pfn, end))
+        i = bisect.bisect_right(self._runs, [pfn, _INF])
+        if not bad and i > 0 and self._runs[i - 1][1] > pfn:
+            bad = True
+        if not bad and i < len(self._runs) and self._runs[i][0] < end:
+            bad = True
+        if bad:
+            msg = f"[{pfn:#x}, {end:#x}) holds a frame that is not allocated (double free)"
+            raise TdxValueError(msg, name="pfn", value=pfn)
+        # coalesce with touching neighbours so the run list stays short
+        if i > 0 and self._runs[i - 1][1] == pfn:
+            self._runs[i - 1][1] = end
+            if i < len(self._runs) and self._runs[i][0] == end:
+                self._runs[i - 1][1] = self._runs[i][1]
+                del self._runs[i]
+        elif i < len(self._runs) and self._runs[i][0] == end:
+            self._runs[i][0] = pfn
+        else:
+            self._runs.insert(i, [pfn, end])
+        self._nr_in_runs += nr
+
     def state_bytes(self) -> bytes:
-        """``<QQ nr_frames, next`` then the freed frames ascending (``<Q`` each)."""
-        freed = sorted(self._freed)
-        return struct.pack(f"<QQQ{len(freed)}Q", self.nr_frames, self._next, len(freed), *freed)
+        """``<QQQ nr_frames, next, n`` then the ``n`` freed frames below ``next`` ascending (``<Q`` each).
+
+        Canonical over the *set* of free frames: freed frames at the top of the used range are
+        folded into ``next``, and heap and runs are one list, so a per-page and a batch
+        teardown that free the same frames serialize identically.
+        """
+        freed = sorted(list(self._freed) + [p for a, b in self._runs for p in range(a, b)])
+        nxt = self._next
+        while freed and freed[-1] == nxt - 1:
+            freed.pop()
+            nxt -= 1
+        return struct.pack(f"<QQQ{len(freed)}Q", self.nr_frames, nxt, len(freed), *freed)
 
 
 class FrameContents:
@@ -120,6 +224,10 @@ class FrameContents:
         self._key = scramble_key
         self._frames: Dict[int, Tuple[int, bytearray]] = {}
         self._digests: Dict[int, bytes] = {}
+        #: Which KeyIDs are TDX-private (the Host sets it); with it, :meth:`host_read` logs every
+        #: read of a frame last written under one to ``host_private_reads`` (SPEC §6 S6a, S6f).
+        self.is_private: Optional[Callable[[int], bool]] = None
+        self.host_private_reads: List[Tuple[int, int, str]] = []   # (pfn, writer KeyID, path)
 
     def _check(self, pfn: Any, offset: Any, size: int) -> Tuple[int, int]:
         p = check_int("pfn", pfn, 0, self.nr_frames)
@@ -155,6 +263,19 @@ class FrameContents:
         view = self._scrambled(p, tag, keyid, bytes(data[lo:hi]))
         return bytes(view[o - lo:o - lo + n])
 
+    def host_read(self, pfn: Any, offset: Any, size: Any, path: str) -> bytes:
+        """Read as host software does (KeyID 0) through ``path``; log it if the frame is private.
+
+        Every host read path (user memory, a guest_memfd host mapping) comes here, so a read of
+        a frame whose contents were last written under a private KeyID is recorded in
+        ``host_private_reads`` whatever it returned (the scramble, never the plaintext).
+        """
+        data = self.read(pfn, offset, size, 0)
+        ent = self._frames.get(pfn)
+        if ent is not None and self.is_private is not None and self.is_private(ent[0]):
+            self.host_private_reads.append((int(pfn), ent[0], path))
+        return data
+
     def write(self, pfn: Any, offset: Any, data: Any, keyid: int) -> None:
         """Write ``data`` at ``offset`` of frame ``pfn`` under KeyID ``keyid``."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -178,6 +299,16 @@ class FrameContents:
         p = check_int("pfn", pfn, 0, self.nr_frames)
         self._frames.pop(p, None)
         self._digests.pop(p, None)
+
+    def clear_range(self, start: int, end: int) -> None:
+        """:meth:`clear` every frame of ``[start, end)`` (walks the written frames or the range)."""
+        if end - start > len(self._frames):
+            victims = [p for p in self._frames if start <= p < end]
+        else:
+            victims = [p for p in range(start, end) if p in self._frames]
+        for p in victims:
+            del self._frames[p]
+            self._digests.pop(p, None)
 
     def keyid_of(self, pfn: Any) -> Optional[int]:
         """Return the KeyID that last wrote ``pfn``, or None if never written (or cleared)."""
@@ -273,7 +404,8 @@ class UserMemory:
             page = pos & ~(PAGE_SIZE - 1)
             chunk = min(end, page + PAGE_SIZE) - pos
             pfn = self._pages.get(page)
-            out += bytes(chunk) if pfn is None else self._contents.read(pfn, pos - page, chunk, 0)
+            out += bytes(chunk) if pfn is None else self._contents.host_read(pfn, pos - page, chunk,
+                                                                             "user memory")
             pos += chunk
         return bytes(out)
 
@@ -382,7 +514,10 @@ class UserMemory:
                 r = nt.invalidate_range_start(lo, hi) if hasattr(nt, "invalidate_range_start") else nt(lo, hi)
                 if isinstance(r, GeneratorType):
                     yield from r
-            for page in range(lo, hi, PAGE_SIZE):
+            # Walk the backed pages, not the range: a 2^40-byte mapping has 2^28 pages, few backed.
+            pages = (range(lo, hi, PAGE_SIZE) if (hi - lo) // PAGE_SIZE <= len(self._pages)
+                     else sorted(p for p in self._pages if lo <= p < hi))
+            for page in pages:
                 pfn = self._pages.pop(page, None)
                 if pfn is not None:
                     self._free(pfn)

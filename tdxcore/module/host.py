@@ -166,6 +166,7 @@ class Host:
         self.events = EventLog()
         self.frames = FrameAllocator(self.nr_frames)
         self._contents = FrameContents(self.nr_frames, self._stream_seed("frame_scramble")[:32])
+        self._contents.is_private = self.keyids.is_private   # host_private_reads (S6f)
         self.user = UserMemory(self.alloc_frame, self.free_frame, self._contents)
         self._pamt = Pamt(self.nr_frames)
         self._vms: List[Any] = []
@@ -270,6 +271,28 @@ class Host:
         self.frames.free(p)
         self.count("nr_frames_freed")
 
+    def alloc_frame_runs(self, nr: int) -> List[Tuple[int, int]]:
+        """Allocate ``nr`` frames as ``nr`` :meth:`alloc_frame` calls would; ``(first, count)`` runs.
+
+        All or nothing (``HostError(ENOMEM)``). Batch callers (``kvm/tdx_batch.py``) use it so a
+        16 M-page range costs a few runs, not 16 M Python ints.
+        """
+        n = check_int("nr", nr, 0, self.nr_frames + 1)
+        runs = self.frames.alloc_runs(n) if n else []
+        self.count("nr_frames_allocated", n)
+        return runs
+
+    def free_frame_range(self, pfn: int, nr: int) -> None:
+        """Free ``[pfn, pfn + nr)`` (all allocated), as ``nr`` :meth:`free_frame` calls would."""
+        p = check_int("pfn", pfn, 0, self.nr_frames)
+        n = check_int("nr", nr, 0, self.nr_frames - p + 1)
+        self.frames.free_range(p, n)
+        self.count("nr_frames_freed", n)
+
+    def frame_clear_range(self, pfn: int, nr: int) -> None:
+        """:meth:`frame_clear` each frame of ``[pfn, pfn + nr)``."""
+        self._contents.clear_range(pfn, pfn + nr)
+
     @property
     def free_frames(self) -> int:
         """Frames :meth:`alloc_frame` can still hand out."""
@@ -284,6 +307,15 @@ class Host:
         """Read ``size`` bytes of frame ``pfn`` as ``keyid`` sees them (scrambled if not the writer's)."""
         k = self.keyids.check_keyid("keyid", keyid)
         return self._contents.read(pfn, offset, size, k)
+
+    def host_frame_read(self, pfn: int, offset: int, size: int, path: str) -> bytes:
+        """Read frame ``pfn`` as host software through ``path`` (KeyID 0), logged if private (S6f)."""
+        return self._contents.host_read(pfn, offset, size, path)
+
+    @property
+    def host_private_reads(self) -> List[Tuple[int, int, str]]:
+        """``(pfn, writer KeyID, path)`` of every host read of a frame holding private-KeyID data."""
+        return self._contents.host_private_reads
 
     def frame_clear(self, pfn: int) -> None:
         """Reset frame ``pfn`` to never-written (reads zero under every KeyID)."""
@@ -357,6 +389,10 @@ class Host:
 
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to counter ``name`` (must start with ``nr_``; declared on first use)."""
+        c = self._counters
+        if name in c:                   # declared (checked) before: the hot case
+            c[name] += n
+            return
         if not isinstance(name, str) or not name.startswith("nr_"):
             msg = f"name={name!r} must be a str starting with 'nr_'"
             raise TdxValueError(msg, name="name", value=name)
@@ -367,10 +403,10 @@ class Host:
         """Frozen snapshot of every counter."""
         return Stats(self._counters, {"nr_seamcalls": self._by_leaf, "nr_busy": self._busy})
 
-    def count_seamcall(self, leaf: Any) -> None:
-        """Count one SEAMCALL of ``leaf`` (total and per leaf)."""
-        self._counters["nr_seamcalls_total"] += 1
-        self._by_leaf[leaf] = self._by_leaf.get(leaf, 0) + 1
+    def count_seamcall(self, leaf: Any, n: int = 1) -> None:
+        """Count ``n`` SEAMCALLs of ``leaf`` (total and per leaf; a batch op counts its pages)."""
+        self._counters["nr_seamcalls_total"] += n
+        self._by_leaf[leaf] = self._by_leaf.get(leaf, 0) + n
 
     def count_busy(self, leaf: Any, operand: int) -> None:
         """Count one BUSY result of ``leaf`` on ``operand`` (``nr_busy``)."""

@@ -20,8 +20,9 @@ from tdxcore.constants import (
     PAMT_NO_OWNER,
     PageType,
 )
-from tdxcore.errors import TdxTypeError, TdxValueError, check_int
+from tdxcore.errors import TdxTypeError, TdxValueError, check_int, check_u64_array
 from tdxcore.status import (  # type: ignore[attr-defined]
+    OPERAND_ID_RCX,
     TDX_OPERAND_BUSY,
     TDX_OPERAND_BUSY_HOST_PRIORITY,
     TDX_PAGE_METADATA_INCORRECT,
@@ -225,6 +226,24 @@ class Pamt:
         if t == PageType.PT_NDA:
             return self.nr_frames - len(self._type)
         return sum(1 for v in self._type.values() if v == t)
+
+    def reclaim_batch(self, pfns: Any, owner: int) -> npt.NDArray[np.uint64]:
+        """Release each frame of ``pfns`` owned by TDR ``owner`` (see the core); statuses."""
+        p = check_u64_array("pfns", pfns, self.nr_frames)
+        o = self._pfn(owner, "owner")
+        if self.page_type(o) != PageType.PT_TDR:
+            msg = f"owner={o:#x} is not a PT_TDR frame"
+            raise TdxValueError(msg, name="owner", value=owner)
+        out = np.empty(p.shape[0], dtype=np.uint64)
+        for k, pfn in enumerate(p.tolist()):
+            t = self._type.get(pfn, PageType.PT_NDA)
+            if self._lock.get(pfn, 0) & (BUSYLOCK_EXCL_BIT | BUSYLOCK_SHARED_MASK):
+                out[k] = TDX_OPERAND_BUSY | OPERAND_ID_RCX
+            elif t not in _NO_OWNER_TYPES and self.owner(pfn) == o:
+                out[k] = self._release(pfn, OPERAND_ID_RCX)
+            else:
+                out[k] = TDX_PAGE_METADATA_INCORRECT | OPERAND_ID_RCX
+        return out
 
     def types(self, start: int, end: int) -> npt.NDArray[np.uint8]:
         """Return the page types of ``[start, end)``."""

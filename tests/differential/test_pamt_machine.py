@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -69,6 +70,14 @@ class PamtMachine(RuleBasedStateMachine):
     @rule(pfn=PFNS, ex=st.booleans())
     def unlock(self, pfn, ex):
         self._same("unlock", pfn, ex)
+
+    @rule(pfns=st.lists(PFNS | TDRS | st.just(NR), max_size=6), owner=TDRS | PFNS)
+    def reclaim_batch(self, pfns, owner):
+        """Batch RECLAIM (repeats, out-of-range frames, TDRs, other owners): same statuses."""
+        arr = np.array(pfns, dtype=np.uint64)
+        a, b = _both([lambda: self.c.reclaim_batch(arr, owner).tolist(),
+                      lambda: self.t.reclaim_batch(arr, owner).tolist()])
+        assert a == b, (pfns, owner, a, b)
 
     @invariant()
     def same_state(self):
