@@ -12,6 +12,7 @@ thread has stopped), not after every step.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Callable, Dict, List
 
 from tdxcore.sched import Actor, Driver, SchedDeadlock
@@ -20,6 +21,8 @@ __all__ = ["run_threaded", "DEADLOCK_TIMEOUT"]
 
 #: Seconds every live thread may wait with nothing runnable before the run is a deadlock.
 DEADLOCK_TIMEOUT = 10.0
+#: Steps one thread may take in a row before it yields the GIL to the others.
+RUN_LEN = 4
 
 
 def run_threaded(actors: List[Actor], *, steps: int, on_budget: Callable[[], None],
@@ -47,7 +50,7 @@ def run_threaded(actors: List[Actor], *, steps: int, on_budget: Callable[[], Non
     """
     driver = Driver(max_steps)
     cond = threading.Condition()
-    state: Dict[str, Any] = {"steps": 0, "budget_hit": False, "error": None}
+    state: Dict[str, Any] = {"steps": 0, "budget_hit": False, "error": None, "last": None, "run": 0}
     errors: List[BaseException] = []
 
     def body(actor: Actor) -> None:
@@ -66,12 +69,25 @@ def run_threaded(actors: List[Actor], *, steps: int, on_budget: Callable[[], Non
                         return
                     driver.step(actor)
                     state["steps"] += 1
+                    # Fairness: a released Condition is re-taken by the thread that holds the GIL, so
+                    # a vCPU spinning on BUSY could run VP_ENTER_MAX_BUSY retries before the op's
+                    # holder is scheduled (a false KVM_BUG). A thread that stepped RUN_LEN times in a
+                    # row gives up the GIL once.
+                    if state["last"] is actor:
+                        state["run"] += 1
+                    else:
+                        state["last"], state["run"] = actor, 1
+                    handoff = state["run"] >= RUN_LEN
+                    if handoff:
+                        state["run"] = 0
                     if not state["budget_hit"] and state["steps"] >= steps:
                         state["budget_hit"] = True
                         on_budget()
                     cond.notify_all()
                     if actor.done:
                         return
+                if handoff:
+                    time.sleep(0)
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             with cond:
                 errors.append(e)
