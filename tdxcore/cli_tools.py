@@ -250,7 +250,7 @@ def _read_report(path: str) -> Dict[str, Any]:
     except OSError as e:
         msg = f"{path}: cannot read: {e.strerror or e}"
         raise ToolError(msg) from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:      # bytes that are not UTF-8 are not JSON
         msg = f"{path}: not JSON: {e}"
         raise ToolError(msg) from None
     if not isinstance(rep, dict):

@@ -137,7 +137,7 @@ class StormConfig:
             msg = f"seconds={self.seconds!r} must be a positive number or None"
             raise TdxValueError(msg, name="seconds", value=self.seconds)
         check_int("seed", self.seed, 0, 1 << 64)
-        if self.mix not in MIXES:
+        if not isinstance(self.mix, str) or self.mix not in MIXES:     # a list is unhashable
             msg = f"mix={self.mix!r} must be one of {sorted(MIXES)}"
             raise TdxValueError(msg, name="mix", value=self.mix)
         if not isinstance(self.busy, (int, float)) or isinstance(self.busy, bool) or not 0 <= self.busy <= 1:
@@ -146,7 +146,7 @@ class StormConfig:
         if not isinstance(self.inject, tuple):
             msg = f"inject={self.inject!r} must be a tuple of (leaf, status, probability)"
             raise TdxTypeError(msg, name="inject", value=self.inject)
-        if self.policy not in POLICIES:
+        if not isinstance(self.policy, str) or self.policy not in POLICIES:
             msg = f"policy={self.policy!r} must be one of {sorted(POLICIES)}"
             raise TdxValueError(msg, name="policy", value=self.policy)
         if self.store not in ("ranges", "xarray"):

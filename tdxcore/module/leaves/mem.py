@@ -141,7 +141,7 @@ def page_add(tdx: "TdxModule", op: Op) -> Effect:
 def mr_extend(tdx: "TdxModule", op: Op) -> Effect:
     """TDH.MR.EXTEND: RCX = GPA of a 256-byte chunk, RDX = TDR."""
     gpa = op.rcx
-    op.gfn = gpa >> PAGE_SHIFT
+    op.gfn = (gpa & ((1 << 52) - 1)) >> PAGE_SHIFT     # bits 51:12, as the event scanner pairs it
     if gpa % MR_EXTEND_CHUNK:
         raise fail(TDX_OPERAND_INVALID | OPERAND_ID_RCX)
     td = op.td_scope(op.rdx, OPERAND_ID_RDX, True)

@@ -1,0 +1,1 @@
+"""Fuzz targets, their committed corpora and the tests that replay them (docs/hardening.rst)."""
