@@ -5,6 +5,8 @@ Owned by the xarray benchmarks; other benchmark modules may append their own fix
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -26,3 +28,13 @@ def lookup_keys() -> list:
 def fragmented_gfns() -> np.ndarray:
     """The private gfns of a 4 GiB guest with alternating 4K private/shared (2^19 of 2^20)."""
     return np.arange(0, NR_GFNS_4G, 2, dtype=np.uint64)
+
+
+# ---------------------------------------------------------------- machine_info (BENCHSUITE)
+_LOAD_AT_START = os.getloadavg()
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Record the load averages at the start and the end: the machines are shared."""
+    machine_info["loadavg_start"] = [round(x, 2) for x in _LOAD_AT_START]
+    machine_info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

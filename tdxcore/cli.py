@@ -194,9 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("report", help="report.json")
     rp.set_defaults(func=_cmd_replay)
 
-    from tdxcore import cli_tools
+    from tdxcore import benchplot, cli_tools
+    from tdxcore.explore import cli as explore_cli
 
     cli_tools.register(sub)
+    explore_cli.register(sub)
+    benchplot.register(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Tests of the tools layer (bench plots, baseline check)."""
