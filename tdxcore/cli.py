@@ -17,6 +17,7 @@ Subcommands
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, List, Optional
 
@@ -216,6 +217,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except InvariantViolation as exc:
         print(f"tdxcore: invariant violated: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # the reader went away (``tdxcore events ... | head``): stop quietly, as Unix tools do;
+        # point stdout at /dev/null so the interpreter's final flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
