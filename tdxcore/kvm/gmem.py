@@ -13,7 +13,6 @@ Mirrors ``virt/kvm/guest_memfd.c`` (Linux 6.18) and the ``vfs_fallocate`` checks
 
 from __future__ import annotations
 
-import bisect
 import errno as _errno
 import struct
 from typing import TYPE_CHECKING, Any, Dict, Generator, List, Optional, Tuple
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Dict, Generator, List, Optional, Tuple
 from tdxcore.constants import KVM_MAX_LFS_FILESIZE, PAGE_SHIFT, PAGE_SIZE, FallocFlag, GmemFlag
 from tdxcore.errors import HostError, TdxTypeError, TdxValueError, check_int
 from tdxcore.kvm.ioctl import OK, Ret, ebadf, fail, fd_call, ioctl
+from tdxcore.kvm.runs import merge_runs, pfn_in_runs
 from tdxcore.sched import READ, WRITE, KLock, Wait, run_to_completion
 
 if TYPE_CHECKING:
@@ -158,20 +158,10 @@ class GuestMemfd:
 
     def bulk_add(self, runs: List[Tuple[int, int, int]]) -> None:
         """Record backing runs ``(start_index, end_index, first_pfn)`` of holes (caller checked)."""
-        merged = sorted([list(r) for r in runs if r[1] > r[0]] + self._bulk)
-        out: List[List[int]] = []
-        for r in merged:
-            if out and out[-1][1] == r[0] and out[-1][2] + (r[0] - out[-1][0]) == r[2]:
-                out[-1][1] = r[1]
-            else:
-                out.append(r)
-        self._bulk = out
+        self._bulk = merge_runs(self._bulk, runs)
 
     def _pfn_bulk(self, index: int) -> Optional[int]:
-        i = bisect.bisect_right(self._bulk, [index, 1 << 64]) - 1
-        if i >= 0 and self._bulk[i][0] <= index < self._bulk[i][1]:
-            return self._bulk[i][2] + index - self._bulk[i][0]
-        return None
+        return pfn_in_runs(self._bulk, index)
 
     @property
     def bindings(self) -> Tuple[Tuple[int, int, int], ...]:

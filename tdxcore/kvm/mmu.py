@@ -14,7 +14,6 @@ given as a :class:`MirrorOps` object.
 
 from __future__ import annotations
 
-import bisect
 import enum
 import errno as _errno
 import struct
@@ -22,6 +21,7 @@ from typing import Any, Dict, Generator, List, Optional, Protocol, Tuple
 
 from tdxcore.constants import PG_LEVEL_4K
 from tdxcore.errors import HostError
+from tdxcore.kvm.runs import find_run, merge_runs, pfn_in_runs
 from tdxcore.sched import READ, WRITE, KLock, Wait
 
 __all__ = ["SpteState", "MirrorOps", "MirrorMmu", "DirectMmu", "gfn_round_for_level"]
@@ -96,8 +96,8 @@ class MirrorMmu:
 
     def _split_out(self, gfn: int) -> None:
         """Move ``gfn`` out of its bulk run (if any) into the per-gfn table, PRESENT."""
-        i = bisect.bisect_right(self._bulk, [gfn, 1 << 64]) - 1
-        if i < 0 or not self._bulk[i][0] <= gfn < self._bulk[i][1]:
+        i = find_run(self._bulk, gfn)
+        if i < 0:
             return
         g0, g1, p0 = self._bulk[i]
         pieces = [r for r in ([g0, gfn, p0], [gfn + 1, g1, p0 + gfn + 1 - g0]) if r[1] > r[0]]
@@ -126,14 +126,7 @@ class MirrorMmu:
 
         The caller holds ``mmu_lock`` and has set the S-EPT leaves (the batch AUG).
         """
-        merged = sorted([list(r) for r in runs if r[1] > r[0]] + self._bulk)
-        out: List[List[int]] = []
-        for r in merged:
-            if out and out[-1][1] == r[0] and out[-1][2] + (r[0] - out[-1][0]) == r[2]:
-                out[-1][1] = r[1]
-            else:
-                out.append(r)
-        self._bulk = out
+        self._bulk = merge_runs(self._bulk, runs)
 
     def take_present_range(self, start: int, end: int) -> Tuple[List[Tuple[int, int, int]],
                                                                 List[Tuple[int, int]]]:
@@ -169,10 +162,9 @@ class MirrorMmu:
         """``(pfn, state)`` of the leaf SPTE at ``gfn``, or None (non-present)."""
         cur = self._ld.get(gfn)
         if cur is None and self._bulk:
-            i = bisect.bisect_right(self._bulk, [gfn, 1 << 64]) - 1
-            if i >= 0 and self._bulk[i][0] <= gfn < self._bulk[i][1]:
-                b = self._bulk[i]
-                return (b[2] + gfn - b[0], SpteState.PRESENT)
+            pfn = pfn_in_runs(self._bulk, gfn)
+            if pfn is not None:
+                return (pfn, SpteState.PRESENT)
         return cur
 
     @property
