@@ -182,48 +182,6 @@ def _check_args(seeds: Iterable[int], config_kwargs: Dict[str, Any], workers: in
     return seeds
 
 
-def _run_local(seeds: List[int], kw: Dict[str, Any], workers: int, progress: Optional[Progress],
-               on_start: Optional[Callable[[], None]]) -> List[Dict[str, Any]]:
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    out: List[Dict[str, Any]] = []
-    with ProcessPoolExecutor(max_workers=min(workers, len(seeds))) as pool:
-        # submit everything before the caller starts its progress thread: the pool forks at submit
-        futs = [pool.submit(run_seed, s, kw) for s in seeds]
-        if on_start is not None:
-            on_start()
-        for f in as_completed(futs):
-            r = f.result()
-            out.append(r)
-            if progress is not None:
-                progress(len(out), len(seeds), r)
-    return out
-
-
-def _run_dask(seeds: List[int], kw: Dict[str, Any], scheduler: Any, progress: Optional[Progress],
-              on_start: Optional[Callable[[], None]]) -> List[Dict[str, Any]]:
-    try:
-        from distributed import Client, as_completed  # type: ignore[import-not-found, unused-ignore]
-    except ImportError as e:
-        raise ImportError(DASK_MISSING) from e
-    own = not isinstance(scheduler, Client)
-    client = Client(scheduler) if own else scheduler
-    out: List[Dict[str, Any]] = []
-    try:
-        futs = client.map(run_seed, seeds, config_kwargs=kw, pure=False)
-        if on_start is not None:
-            on_start()
-        for f in as_completed(futs):
-            r = f.result()
-            out.append(r)
-            if progress is not None:
-                progress(len(out), len(seeds), r)
-    finally:
-        if own:
-            client.close()
-    return out
-
-
 def run_campaign(seeds: Iterable[int], config_kwargs: Optional[Dict[str, Any]] = None, *, workers: int = 2,
                  scheduler: Any = None, progress: Optional[Progress] = None,
                  on_start: Optional[Callable[[], None]] = None) -> CampaignReport:
@@ -256,11 +214,10 @@ def run_campaign(seeds: Iterable[int], config_kwargs: Optional[Dict[str, Any]] =
     kw = dict(config_kwargs or {})
     seeds = _check_args(seeds, kw, workers)
     t0 = time.perf_counter()
-    if scheduler is None:
-        results = _run_local(seeds, kw, workers, progress, on_start)
-        where: Optional[str] = None
-    else:
-        results = _run_dask(seeds, kw, scheduler, progress, on_start)
+    results = run_tasks(run_seed, [(s, kw) for s in seeds], workers=workers, scheduler=scheduler,
+                        progress=progress, on_start=on_start)
+    where: Optional[str] = None
+    if scheduler is not None:
         where = scheduler if isinstance(scheduler, str) else str(getattr(scheduler, "scheduler", scheduler))
     results.sort(key=lambda r: r["seed"])
     nr_workers = 0 if scheduler is not None else workers
@@ -268,40 +225,44 @@ def run_campaign(seeds: Iterable[int], config_kwargs: Optional[Dict[str, Any]] =
 
 
 def run_tasks(fn: Callable[..., Any], args: List[Any], *, workers: int = 2, scheduler: Any = None,
-              progress: Optional[Callable[[int, int], None]] = None) -> List[Any]:
+              progress: Optional[Callable[[int, int, Any], None]] = None,
+              on_start: Optional[Callable[[], None]] = None) -> List[Any]:
     """Run ``fn(*a)`` for every tuple ``a`` of ``args`` on the campaign engine; results in ``args`` order.
 
-    The generic form of a campaign (the explorer's subtrees use it): a
+    The one engine of campaigns (:func:`run_campaign`) and of the explorer's subtrees: a
     ``ProcessPoolExecutor`` of ``workers`` local processes, or, with ``scheduler``, a Dask
     distributed cluster (``ImportError`` naming the ``dask`` extra if it is missing). ``fn``
-    must be a picklable top-level function; ``progress(done, total)`` runs in the parent.
+    must be a picklable top-level function. ``on_start()`` runs once every task is submitted
+    (after the pool has forked); ``progress(done, total, result)`` in the parent as each finishes.
     """
     check_int("workers", workers, 1, 1025)
     if not args:
         return []
     out: List[Any] = [None] * len(args)
+
+    def collect(futs: Dict[Any, int], as_completed: Callable[..., Any]) -> None:
+        if on_start is not None:
+            on_start()
+        for n, f in enumerate(as_completed(list(futs)), 1):
+            r = out[futs[f]] = f.result()
+            if progress is not None:
+                progress(n, len(args), r)
+
     if scheduler is None:
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(max_workers=min(workers, len(args))) as pool:
-            futs = {pool.submit(fn, *a): i for i, a in enumerate(args)}
-            for n, f in enumerate(as_completed(futs), 1):
-                out[futs[f]] = f.result()
-                if progress is not None:
-                    progress(n, len(args))
+            collect({pool.submit(fn, *a): i for i, a in enumerate(args)}, as_completed)
         return out
     try:
         from distributed import Client  # type: ignore[import-not-found, unused-ignore]
+        from distributed import as_completed as dask_completed  # type: ignore[import-not-found, unused-ignore]
     except ImportError as e:
         raise ImportError(DASK_MISSING) from e
     own = not isinstance(scheduler, Client)
     client = Client(scheduler) if own else scheduler
     try:
-        pending = [client.submit(fn, *a, pure=False) for a in args]
-        for i, f in enumerate(pending):
-            out[i] = f.result()
-            if progress is not None:
-                progress(i + 1, len(args))
+        collect({client.submit(fn, *a, pure=False): i for i, a in enumerate(args)}, dask_completed)
     finally:
         if own:
             client.close()
