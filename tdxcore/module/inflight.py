@@ -174,19 +174,22 @@ class Op:
                              leaf, self.gfn, self.pfn)
         raise LeafFail(result(status))
 
+    def _hold(self, key: Tuple[Any, ...], unlock: Callable[..., Any], a: Any, b: Any) -> None:
+        """Record a taken hot lock (_take's success branch) with ``unlock(a, b)`` as data, no closure."""
+        self._held.append((key, unlock, a, b))
+        hs = self.tdx.holders.get(key)
+        if hs is None:
+            self.tdx.holders[key] = [self]
+        else:
+            hs.append(self)
+
     def lock_pamt(self, pfn: int, exclusive: bool, operand: int) -> None:
         """PAMT entry try-lock of ``pfn`` (TDR locks, page locks); BUSY|operand on failure."""
         pamt = self.tdx.host.pamt
         key = ("pamt", pfn)
         st = pamt.try_lock(pfn, exclusive, operand)
-        if st == TDX_SUCCESS:           # _take's success branch, with the unlock as data (no closure)
-            self._held.append((key, pamt.unlock, pfn, exclusive))
-            holders = self.tdx.holders
-            hs = holders.get(key)
-            if hs is None:
-                holders[key] = [self]
-            else:
-                hs.append(self)
+        if st == TDX_SUCCESS:
+            self._hold(key, pamt.unlock, pfn, exclusive)
             return
         self._take(key, st, lambda: pamt.unlock(pfn, exclusive))
 
@@ -217,14 +220,8 @@ class Op:
             raise fail(st, w[1], w[2])
 
         key = ("entry", td.tdr, gpa, level)
-        if st == TDX_SUCCESS:           # _take's success branch, the unlock as data (no closure)
-            self._held.append((key, _entry_unlock, tree, (gpa, level)))
-            holders = self.tdx.holders
-            hs = holders.get(key)
-            if hs is None:
-                holders[key] = [self]
-            else:
-                hs.append(self)
+        if st == TDX_SUCCESS:
+            self._hold(key, _entry_unlock, tree, (gpa, level))
         else:
             self._take(key, st, lambda: _entry_unlock(tree, (gpa, level)))
         if host:
