@@ -16,7 +16,6 @@ machine). The rows, baselines and metrics are data: ``benchmarks/sec9.py``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sec9 import ISSUE_ROWS, ROWS, Check, Metric, Row, Source  # noqa: E402
+
+from tdxcore.benchplot import load_json  # noqa: E402
 
 __all__ = ["Result", "load", "index", "figure", "evaluate", "single_row_groups", "format_table", "main"]
 
@@ -51,14 +52,8 @@ class Result:
         return "met" if self.met else "NOT MET"
 
 
-def load(path: str) -> Dict[str, Any]:
-    """Read a ``--benchmark-json`` file."""
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
-    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
-        msg = f"{path}: not a pytest-benchmark JSON (no 'benchmarks' list)"
-        raise ValueError(msg)
-    return data
+#: Read a ``--benchmark-json`` file (``ValueError`` if it is not one): the plots' reader.
+load = load_json
 
 
 def row_name(bench: Dict[str, Any]) -> str:

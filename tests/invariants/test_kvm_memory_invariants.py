@@ -16,7 +16,7 @@ import pytest
 
 from tdxcore import _testing, guest
 from tdxcore.constants import PAGE_SHIFT, PAGE_SIZE, FallocFlag, MemAttr, TdAttr
-from tdxcore.errors import InvariantViolation, KvmError
+from tdxcore.errors import KvmError
 from tdxcore.invariants import check_invariants, invariant_ids
 from tdxcore.invariants.kvm_memory import KVM_MEMORY_IDS
 from tdxcore.kvm import Kvm, helpers
@@ -25,6 +25,7 @@ from tdxcore.module.host import Host
 from tdxcore.sched import PREEMPT
 from tdxcore.status import OPERAND_ID_RCX, OPERAND_ID_SEPT_TREE, TDX_OPERAND_BUSY, Leaf  # type: ignore[attr-defined]
 from tdxcore.storm.scheduler import Scheduler
+from tests.invariants.only import only
 
 BASE = 4 << 30
 FRESH = BASE + 0x10000          # a private page no initial region covers (first touch faults)
@@ -38,24 +39,6 @@ def make_td(policy=Policy.LINUX_6_18, vcpus=2, **init_vm):
                            **init_vm)
     check_invariants(host)
     return host, td
-
-
-def only(host, inv, *, gfn=None, pfn=None):
-    """``inv`` and only it is reported (sticky), with an event index and a replay hint."""
-    with pytest.raises(InvariantViolation) as ei:
-        check_invariants(host)
-    e = ei.value
-    assert e.invariant == inv, str(e)
-    if gfn is not None:
-        assert e.gfn == gfn, str(e)
-    if pfn is not None:
-        assert e.pfn == pfn, str(e)
-    assert e.event_index is not None and 0 <= e.event_index < len(host.events), str(e)
-    assert e.replay and f"seed={host.seed}" in e.replay
-    check_invariants(host, [i for i in invariant_ids() if i != inv])
-    with pytest.raises(InvariantViolation):
-        check_invariants(host, [inv])
-    return e
 
 
 def shared(vm, gpa):

@@ -10,15 +10,13 @@ The other two security properties are built-ins with their own mutation tests (S
 
 from __future__ import annotations
 
-import pytest
-
 from tdxcore import guest
 from tdxcore.constants import PAGE_SHIFT, PAGE_SIZE, FallocFlag, GmemFlag
-from tdxcore.errors import InvariantViolation
 from tdxcore.invariants import check_invariants, invariant_ids
 from tdxcore.invariants.security import SECURITY_IDS
 from tdxcore.kvm import Kvm, fault, helpers
 from tdxcore.module.host import Host
+from tests.invariants.only import only
 
 BASE = 4 << 30
 FRESH = BASE + 0x10000          # a private page no initial region covers (first touch faults)
@@ -32,24 +30,6 @@ def make_tds(n=1):
     tds = [helpers.td_create(kvm, vcpus=1, memory=1 << 20, initial_pages=1) for _ in range(n)]
     check_invariants(host)
     return host, tds
-
-
-def only(host, inv, *, gfn=None, pfn=None):
-    """``inv`` and only it is reported (sticky), with an event index and a replay hint."""
-    with pytest.raises(InvariantViolation) as ei:
-        check_invariants(host)
-    e = ei.value
-    assert e.invariant == inv, str(e)
-    if gfn is not None:
-        assert e.gfn == gfn, str(e)
-    if pfn is not None:
-        assert e.pfn == pfn, str(e)
-    assert e.event_index is not None and 0 <= e.event_index < len(host.events), str(e)
-    assert e.replay and f"seed={host.seed}" in e.replay
-    check_invariants(host, [i for i in invariant_ids() if i != inv])
-    with pytest.raises(InvariantViolation):
-        check_invariants(host, [inv])
-    return e
 
 
 def test_registered_in_the_kvm_layer():
